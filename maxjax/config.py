@@ -32,6 +32,31 @@ class ConfigError(ValueError):
 _frozen = dataclasses.dataclass(frozen=True)
 
 
+class FrozenMap(Mapping):
+    """A read-only, hashable mapping, so that a Config can be a cache or jit static key."""
+
+    def __init__(self, items: Mapping[str, Any]):
+        self._items = dict(items)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._items[key]
+
+    def __iter__(self):
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted(self._items.items())))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Mapping) and dict(self._items) == dict(other)
+
+    def __repr__(self) -> str:
+        return repr(self._items)
+
+
 @_frozen
 class Model:
     type: str
@@ -247,7 +272,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         _, val_tp = typing.get_args(tp)
         if not isinstance(value, Mapping):
             raise ConfigError(key, f"must be a mapping, got {type(value).__name__}")
-        return {str(k): _coerce(f"{key}.{k}", v, val_tp) for k, v in value.items()}
+        return FrozenMap({str(k): _coerce(f"{key}.{k}", v, val_tp) for k, v in value.items()})
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(key, f"must be true or false, got {value!r}")

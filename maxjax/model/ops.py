@@ -1,0 +1,258 @@
+"""The model's math as pure functions of arrays.
+
+The NNX modules in `maxjax.model.transformer` are thin wrappers over these, and every parallel
+strategy calls the same functions on its own shards, so there is one definition of the model.
+
+Letters: B batch, S sequence, M model, N heads, D head dim, E experts, C capacity, H expert hidden,
+k choices per token, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from maxjax import routing
+
+ROPE_BASE = 10_000.0
+NORM_EPS = 1e-6
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float = NORM_EPS) -> jax.Array:
+    """RMSNorm over the last axis, computed in float32."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+    return (normed * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def rotary(x: jax.Array, positions: jax.Array) -> jax.Array:
+    """Rotary position embedding of x[B, S, N, D] at integer positions[B, S] (or [S])."""
+    head_dim = x.shape[-1]
+    half = head_dim // 2
+    inv_freq = 1.0 / (ROPE_BASE ** (jnp.arange(half, dtype=jnp.float32) / half))
+    positions = jnp.broadcast_to(positions, x.shape[:2]).astype(jnp.float32)
+    angles = positions[..., None] * inv_freq  # [B, S, D/2]
+    sin = jnp.sin(angles)[:, :, None, :]
+    cos = jnp.cos(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def causal_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_positions: jax.Array,
+    kv_positions: jax.Array,
+) -> jax.Array:
+    """Softmax attention of q[B, S, N, D] over k, v[B, T, N, D], keys at or before the query.
+
+    Positions are integers per batch row ([B, S] and [B, T]) or shared ([S] and [T]); a key whose
+    position is later than the query's is masked, so a KV cache marks unfilled slots with a large
+    position.
+    """
+    head_dim = q.shape[-1]
+    scores = jnp.einsum("bsnd,btnd->bnst", q, k, preferred_element_type=jnp.float32)
+    scores = scores / jnp.sqrt(jnp.float32(head_dim))
+    q_pos = jnp.broadcast_to(q_positions, (q.shape[0], q.shape[1]))
+    kv_pos = jnp.broadcast_to(kv_positions, (k.shape[0], k.shape[1]))
+    visible = kv_pos[:, None, None, :] <= q_pos[:, None, :, None]  # [B, 1, S, T]
+    scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bnst,btnd->bsnd", weights, v)
+
+
+class AttentionWeights(NamedTuple):
+    """Projections of some number of heads n: query/key/value [M, n*D], out [n*D, M]."""
+
+    query: jax.Array
+    key: jax.Array
+    value: jax.Array
+    out: jax.Array
+
+
+def project_qkv(
+    x: jax.Array, w: AttentionWeights, head_dim: int, positions: jax.Array, dtype: jnp.dtype
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Rotary-embedded q, k and v [B, S, n, D] of x[B, S, M] for the heads in `w`."""
+    batch, seq, _ = x.shape
+    xc = x.astype(dtype)
+
+    def proj(kernel: jax.Array) -> jax.Array:
+        y = jnp.einsum("bsm,mh->bsh", xc, kernel.astype(dtype))
+        return y.reshape(batch, seq, -1, head_dim)
+
+    q = rotary(proj(w.query), positions)
+    k = rotary(proj(w.key), positions)
+    return q, k, proj(w.value)
+
+
+def attention_output(
+    context: jax.Array, w: AttentionWeights, dtype: jnp.dtype, head_mask: jax.Array | None = None
+) -> jax.Array:
+    """Output projection of context[B, S, n, D] -> [B, S, M] (a partial sum over these heads).
+
+    `head_mask[n]` zeroes padded head slots so they neither change the output nor get gradient.
+    """
+    if head_mask is not None:
+        context = context * head_mask.astype(context.dtype)[None, None, :, None]
+    batch, seq = context.shape[:2]
+    flat = context.reshape(batch, seq, -1).astype(dtype)
+    return jnp.einsum("bsh,hm->bsm", flat, w.out.astype(dtype)).astype(jnp.float32)
+
+
+def self_attention(
+    x: jax.Array,
+    w: AttentionWeights,
+    head_dim: int,
+    positions: jax.Array,
+    dtype: jnp.dtype = jnp.float32,
+    head_mask: jax.Array | None = None,
+) -> jax.Array:
+    """Causal self-attention of x[B, S, M] for the heads in `w`; [B, S, M] float32."""
+    q, k, v = project_qkv(x, w, head_dim, positions, dtype)
+    context = causal_attention(q, k, v, positions, positions)
+    return attention_output(context, w, dtype, head_mask)
+
+
+class Routing(NamedTuple):
+    """Routing decisions for a batch of groups (one group per sequence)."""
+
+    logits: jax.Array  # [B, S, E] float32
+    expert_index: jax.Array  # [B, S, k] int32
+    gates: jax.Array  # [B, S, k] float32
+    position: jax.Array  # [B, S, k] int32
+    keep: jax.Array  # [B, S, k] bool
+
+
+def route(
+    x: jax.Array, router_kernel: jax.Array, top_k: int, capacity: int
+) -> Routing:
+    """Router logits (float32), top-k gates and capacity slots for x[B, S, M]."""
+    logits = jnp.einsum(
+        "bsm,me->bse", x.astype(jnp.float32), router_kernel.astype(jnp.float32)
+    )
+    num_experts = router_kernel.shape[-1]
+    expert_index, gates = jax.vmap(routing.top_k_gating, in_axes=(0, None))(logits, top_k)
+    position, keep = jax.vmap(routing.assign_capacity, in_axes=(0, None, None))(
+        expert_index, num_experts, capacity
+    )
+    return Routing(logits, expert_index, gates, position, keep)
+
+
+def dispatch(x: jax.Array, r: Routing, capacity: int) -> jax.Array:
+    """Token buffers [E, B, C, M] for the experts, gathered by slot index."""
+    num_experts = r.logits.shape[-1]
+    per_group = jax.vmap(routing.dispatch, in_axes=(0, 0, 0, 0, None, None))(
+        x, r.expert_index, r.position, r.keep, num_experts, capacity
+    )  # [B, E, C, M]
+    return jnp.swapaxes(per_group, 0, 1)
+
+
+def combine(expert_out: jax.Array, r: Routing) -> jax.Array:
+    """Gate-weighted sum of expert outputs [E, B, C, M] back to tokens [B, S, M]."""
+    return jax.vmap(routing.combine, in_axes=(1, 0, 0, 0, 0))(
+        expert_out, r.expert_index, r.position, r.keep, r.gates
+    )
+
+
+def expert_dropout_keep_mask(
+    key: jax.Array,
+    rate: float,
+    expert_ids: jax.Array,
+    sequence_ids: jax.Array,
+    capacity: int,
+    hidden: int,
+) -> jax.Array:
+    """Keep-mask [E, B, C, H] for expert dropout, a function of (key, expert id, sequence id).
+
+    Drawing per (expert, sequence) makes the mask independent of how experts and sequences are
+    spread over devices or micro-batches, so every strategy drops the same units.
+    """
+
+    def one(e: jax.Array, b: jax.Array) -> jax.Array:
+        k = jax.random.fold_in(jax.random.fold_in(key, e), b)
+        return jax.random.bernoulli(k, 1.0 - rate, (capacity, hidden))
+
+    return jax.vmap(lambda e: jax.vmap(lambda b: one(e, b))(sequence_ids))(expert_ids)
+
+
+def expert_ffn(
+    buffer: jax.Array,
+    wi: jax.Array,
+    wo: jax.Array,
+    dtype: jnp.dtype = jnp.float32,
+    dropout_key: jax.Array | None = None,
+    dropout_rate: float = 0.0,
+    expert_ids: jax.Array | None = None,
+    sequence_ids: jax.Array | None = None,
+) -> jax.Array:
+    """Each expert's FFN on its buffer: [E, B, C, M] -> [E, B, C, M] (float32).
+
+    wi[E, M, H], wo[E, H, M]; GELU; dropout on the hidden activation when a key is given.
+    """
+    num_experts, batch, capacity, _ = buffer.shape
+    hidden = jnp.einsum("ebcm,emh->ebch", buffer.astype(dtype), wi.astype(dtype))
+    hidden = jax.nn.gelu(hidden)
+    if dropout_key is not None and dropout_rate > 0.0:
+        if expert_ids is None:
+            expert_ids = jnp.arange(num_experts)
+        if sequence_ids is None:
+            sequence_ids = jnp.arange(batch)
+        keep = expert_dropout_keep_mask(
+            dropout_key, dropout_rate, expert_ids, sequence_ids, capacity, wi.shape[-1]
+        )
+        hidden = jnp.where(keep, hidden / (1.0 - dropout_rate), 0.0).astype(hidden.dtype)
+    out = jnp.einsum("ebch,ehm->ebcm", hidden, wo.astype(dtype))
+    return out.astype(jnp.float32)
+
+
+class RoutingAux(NamedTuple):
+    """Auxiliary losses and load statistics of one MoE layer, averaged over sequences."""
+
+    load_balancing_loss: jax.Array
+    router_z_loss: jax.Array
+    expert_fraction: jax.Array  # [E]
+    dropped_fraction: jax.Array
+
+
+def routing_aux(r: Routing) -> RoutingAux:
+    """Per-sequence auxiliary losses and load statistics, averaged over the batch."""
+    num_experts = r.logits.shape[-1]
+    probs = jax.nn.softmax(r.logits, axis=-1)
+    lb = jax.vmap(routing.load_balancing_loss, in_axes=(0, 0, None))(
+        probs, r.expert_index, num_experts
+    )
+    z = jax.vmap(routing.router_z_loss)(r.logits)
+    stats = jax.vmap(routing.load_statistics, in_axes=(0, 0, None))(
+        r.expert_index, r.keep, num_experts
+    )
+    return RoutingAux(
+        load_balancing_loss=jnp.mean(lb),
+        router_z_loss=jnp.mean(z),
+        expert_fraction=jnp.mean(stats.expert_fraction, axis=0),
+        dropped_fraction=jnp.mean(stats.dropped_fraction),
+    )
+
+
+def mean_over_layers(per_layer: list[RoutingAux]) -> RoutingAux:
+    """Average the auxiliary terms of all MoE layers (the coefficients apply to this mean)."""
+    return jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs), axis=0), *per_layer)
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy of logits[B, S, V] against integer targets[B, S]."""
+    logits = logits.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jnp.mean(log_z - picked)
+
+
+def total_loss(
+    lm_loss: jax.Array, aux: RoutingAux, load_balancing_coef: float, z_loss_coef: float
+) -> jax.Array:
+    """Language-model loss plus the weighted auxiliary losses."""
+    return lm_loss + load_balancing_coef * aux.load_balancing_loss + z_loss_coef * aux.router_z_loss

@@ -1,0 +1,228 @@
+"""The MoE transformer as Flax NNX modules (the single-device reference of every strategy).
+
+Decoder-only, pre-norm (RMSNorm), rotary positions, causal attention, and an MoE feed-forward
+in every layer. The modules hold parameters and call the pure functions of `maxjax.model.ops`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from maxjax import routing
+from maxjax.config import Config
+from maxjax.model import ops
+
+
+def compute_dtype(cfg: Config) -> jnp.dtype:
+    """Matmul dtype from `training.dtype` (parameters always stay float32)."""
+    return jnp.bfloat16 if cfg.training.dtype == "bfloat16" else jnp.float32
+
+
+def group_capacity(cfg: Config, group_tokens: int) -> int:
+    """Expert capacity for one routing group (one sequence of `group_tokens` tokens)."""
+    return routing.expert_capacity(
+        group_tokens, cfg.moe.experts_per_layer, cfg.moe.top_k, cfg.moe.capacity_factor
+    )
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int):
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return ops.rms_norm(x, self.scale[...])
+
+
+class Attention(nnx.Module):
+    """Multi-head causal self-attention; projections [M, N*D] and [N*D, M], no biases."""
+
+    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+        m = cfg.model
+        width = m.attention_heads * m.head_dim
+        linear = functools.partial(nnx.Linear, use_bias=False, rngs=rngs)
+        self.query = linear(m.hidden_dim, width)
+        self.key = linear(m.hidden_dim, width)
+        self.value = linear(m.hidden_dim, width)
+        self.out = linear(width, m.hidden_dim)
+        self.head_dim = m.head_dim
+        self.dtype = compute_dtype(cfg)
+
+    def weights(self) -> ops.AttentionWeights:
+        return ops.AttentionWeights(
+            self.query.kernel[...], self.key.kernel[...], self.value.kernel[...],
+            self.out.kernel[...],
+        )
+
+    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        return ops.self_attention(x, self.weights(), self.head_dim, positions, self.dtype)
+
+
+class Router(nnx.Module):
+    """Bias-free linear map hidden -> expert logits (computed in float32)."""
+
+    def __init__(self, hidden_dim: int, num_experts: int, *, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(stddev=0.02)
+        self.kernel = nnx.Param(init(rngs.params(), (hidden_dim, num_experts), jnp.float32))
+
+
+class Experts(nnx.Module):
+    """E expert FFNs stacked: wi[E, M, H], wo[E, H, M]."""
+
+    def __init__(self, num_experts: int, hidden_dim: int, expert_hidden: int, *, rngs: nnx.Rngs):
+        init_in = nnx.initializers.normal(stddev=hidden_dim**-0.5)
+        init_out = nnx.initializers.normal(stddev=expert_hidden**-0.5)
+        self.wi = nnx.Param(init_in(rngs.params(), (num_experts, hidden_dim, expert_hidden)))
+        self.wo = nnx.Param(init_out(rngs.params(), (num_experts, expert_hidden, hidden_dim)))
+
+
+class MoE(nnx.Module):
+    """Top-k routed mixture of expert FFNs with per-sequence capacity."""
+
+    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.router = Router(cfg.model.hidden_dim, cfg.moe.experts_per_layer, rngs=rngs)
+        self.experts = Experts(
+            cfg.moe.experts_per_layer, cfg.model.hidden_dim, cfg.moe.expert_hidden_dim, rngs=rngs
+        )
+
+    def __call__(
+        self, x: jax.Array, dropout_key: jax.Array | None = None
+    ) -> tuple[jax.Array, ops.RoutingAux]:
+        capacity = group_capacity(self.cfg, x.shape[1])
+        r = ops.route(x, self.router.kernel[...], self.cfg.moe.top_k, capacity)
+        buffers = ops.dispatch(x, r, capacity)
+        out = ops.expert_ffn(
+            buffers,
+            self.experts.wi[...],
+            self.experts.wo[...],
+            compute_dtype(self.cfg),
+            dropout_key,
+            self.cfg.moe.expert_dropout,
+        )
+        return ops.combine(out, r), ops.routing_aux(r)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+        self.attention_norm = RMSNorm(cfg.model.hidden_dim)
+        self.attention = Attention(cfg, rngs=rngs)
+        self.moe_norm = RMSNorm(cfg.model.hidden_dim)
+        self.moe = MoE(cfg, rngs=rngs)
+
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, dropout_key: jax.Array | None = None
+    ) -> tuple[jax.Array, ops.RoutingAux]:
+        h = x + self.attention(self.attention_norm(x), positions)
+        y, aux = self.moe(self.moe_norm(h), dropout_key)
+        return h + y, aux
+
+
+class MoETransformer(nnx.Module):
+    """Decoder-only MoE transformer; `model(tokens[B, S])` -> (logits[B, S, V], aux)."""
+
+    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        m = cfg.model
+        self.embed = nnx.Embed(
+            cfg.training.vocab_size, m.hidden_dim,
+            embedding_init=nnx.initializers.normal(stddev=0.02), rngs=rngs,
+        )
+        self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(m.layers)])
+        self.final_norm = RMSNorm(m.hidden_dim)
+        self.lm_head = nnx.Linear(m.hidden_dim, cfg.training.vocab_size, use_bias=False, rngs=rngs)
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        deterministic: bool = True,
+        dropout_key: jax.Array | None = None,
+    ) -> tuple[jax.Array, ops.RoutingAux]:
+        if not deterministic and dropout_key is None and self.cfg.moe.expert_dropout > 0:
+            raise ValueError("training mode (deterministic=False) needs a dropout_key")
+        positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
+        x = self.embed.embedding[...][tokens].astype(jnp.float32)
+        per_layer = []
+        for i, layer in enumerate(self.layers):
+            key = None if deterministic else jax.random.fold_in(dropout_key, i)
+            x, aux = layer(x, positions, key)
+            per_layer.append(aux)
+        x = self.final_norm(x)
+        logits = jnp.einsum(
+            "bsm,mv->bsv", x.astype(compute_dtype(self.cfg)),
+            self.lm_head.kernel[...].astype(compute_dtype(self.cfg)),
+        ).astype(jnp.float32)
+        return logits, ops.mean_over_layers(per_layer)
+
+
+Params = dict[str, Any]
+
+
+def init_params(cfg: Config, seed: int) -> Params:
+    """Parameters of `MoETransformer(cfg, rngs=nnx.Rngs(seed))` as a nested dict of arrays.
+
+    Pure, so strategies can jit it with their own output shardings and never build the whole
+    model on one device.
+    """
+    return nnx.to_pure_dict(nnx.state(MoETransformer(cfg, rngs=nnx.Rngs(seed)), nnx.Param))
+
+
+def abstract_params(cfg: Config) -> Params:
+    """Shapes and dtypes of the parameters (jax.ShapeDtypeStruct leaves), allocating nothing."""
+    return jax.eval_shape(lambda: init_params(cfg, 0))
+
+
+@functools.lru_cache(maxsize=8)
+def _skeleton(cfg: Config) -> tuple[nnx.GraphDef, nnx.State]:
+    return nnx.split(nnx.eval_shape(lambda: MoETransformer(cfg, rngs=nnx.Rngs(0))))
+
+
+def bind(cfg: Config, params: Params) -> MoETransformer:
+    """A model module whose parameters are the arrays of `params` (nothing is copied)."""
+    graphdef, abstract_state = _skeleton(cfg)
+    state = jax.tree.map(lambda x: x, abstract_state)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
+
+
+def apply(
+    cfg: Config,
+    params: Params,
+    tokens: jax.Array,
+    dropout_key: jax.Array | None = None,
+) -> tuple[jax.Array, ops.RoutingAux]:
+    """Pure forward pass: (logits, aux) of the model with `params`; dropout iff a key is given."""
+    model = bind(cfg, params)
+    return model(tokens, deterministic=dropout_key is None, dropout_key=dropout_key)
+
+
+def loss_terms(
+    cfg: Config,
+    logits: jax.Array,
+    aux: ops.RoutingAux,
+    targets: jax.Array,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Total training loss and its parts from the logits of inputs tokens[:, :-1]."""
+    lm = ops.cross_entropy(logits, targets)
+    loss = ops.total_loss(lm, aux, cfg.moe.load_balancing_loss, cfg.moe.router_z_loss)
+    metrics = {
+        "loss": loss,
+        "lm_loss": lm,
+        "load_balancing_loss": aux.load_balancing_loss,
+        "z_loss": aux.router_z_loss,
+        "expert_fraction": aux.expert_fraction,
+        "dropped_fraction": aux.dropped_fraction,
+    }
+    return loss, metrics
+
+
+def loss_fn(
+    cfg: Config, params: Params, tokens: jax.Array, dropout_key: jax.Array | None = None
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Next-token loss (inputs tokens[:, :-1], targets tokens[:, 1:]) plus auxiliary losses."""
+    logits, aux = apply(cfg, params, tokens[:, :-1], dropout_key)
+    return loss_terms(cfg, logits, aux, tokens[:, 1:])

@@ -1,0 +1,50 @@
+"""The single-device reference strategy: the whole model on one device."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+
+from maxjax import model
+from maxjax.config import Config
+from maxjax.model import Params
+from maxjax.parallel.runner import Runner, Tree
+
+
+class SingleRunner(Runner):
+    """Everything on `jax.devices()[0]`; the reference every other strategy must equal."""
+
+    name = "single"
+
+    def __init__(self, cfg: Config, device: jax.Device | None = None):
+        super().__init__(cfg)
+        self.device = device or jax.devices()[0]
+        self.sharding = jax.sharding.SingleDeviceSharding(self.device)
+        self._forward = jax.jit(lambda p, t: model.apply(cfg, p, t)[0])
+        self._value_and_grad = jax.jit(
+            jax.value_and_grad(functools.partial(model.loss_fn, cfg), has_aux=True)
+        )
+
+    def init(self, seed: int) -> Params:
+        return jax.jit(
+            functools.partial(model.init_params, self.cfg), static_argnums=0,
+            out_shardings=self.sharding,
+        )(seed)
+
+    def forward(self, params: Params, tokens: jax.Array) -> jax.Array:
+        return self._forward(params, jax.device_put(tokens, self.sharding))
+
+    def value_and_grad(
+        self, params: Params, tokens: jax.Array, rng: jax.Array | None = None
+    ) -> tuple[dict[str, jax.Array], Params]:
+        (_, metrics), grads = self._value_and_grad(
+            params, jax.device_put(tokens, self.sharding), rng
+        )
+        return metrics, grads
+
+    def to_canonical(self, tree: Tree) -> Tree:
+        return tree
+
+    def from_canonical(self, tree: Tree) -> Tree:
+        return jax.device_put(tree, self.sharding, may_alias=False)

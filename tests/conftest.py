@@ -1,0 +1,27 @@
+"""Give every test 16 emulated CPU devices (the seed's 4 nodes x 4 GPUs) before JAX starts."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=16"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    from maxjax.config import load_config
+
+    return load_config("configs/tiny.yaml", ["training.dtype=float32"])
+
+
+@pytest.fixture(scope="session")
+def paper_cfg():
+    from maxjax.config import load_config
+
+    return load_config("configs/paper.yaml")
