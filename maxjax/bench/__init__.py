@@ -1,0 +1,1 @@
+"""Benchmarks and experiments of the seed (run as `python -m maxjax.bench NAME`)."""

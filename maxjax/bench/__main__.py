@@ -1,0 +1,27 @@
+"""`python -m maxjax.bench NAME [options]`: run one benchmark (`--help` after NAME for its options)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+BENCHMARKS = {
+    "table1": ("maxjax.bench.table1", "Table 1: TPOT, TPS, throughput, utilisation, memory"),
+    "seqlen": ("maxjax.bench.seqlen", "TPOT at four sequence lengths (seed section 5.7)"),
+    "ma-step": ("maxjax.bench.ma_step", "MA separation vs single: step time, bytes, programs"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in BENCHMARKS:
+        print("usage: python -m maxjax.bench NAME [options]\n\nbenchmarks:")
+        for name, (_, what) in BENCHMARKS.items():
+            print(f"  {name:8s} {what}")
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    module = importlib.import_module(BENCHMARKS[argv[0]][0])
+    return module.main(argv[1:]) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
