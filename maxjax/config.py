@@ -337,7 +337,10 @@ def validate(cfg: Config) -> None:
         ("training.vocab_size", cfg.training.vocab_size),
         ("schedule.total_steps", cfg.schedule.total_steps),
         ("ma_separation.microbatches", cfg.ma_separation.microbatches),
-        ("ma_separation.synchronization.sync_interval", cfg.ma_separation.synchronization.sync_interval),
+        (
+            "ma_separation.synchronization.sync_interval",
+            cfg.ma_separation.synchronization.sync_interval,
+        ),
         ("checkpoint.interval_steps", cfg.checkpoint.interval_steps),
         ("checkpoint.max_to_keep", cfg.checkpoint.max_to_keep),
         ("baselines.tensor_parallel", cfg.baselines.tensor_parallel),
@@ -359,9 +362,7 @@ def validate(cfg: Config) -> None:
         "model.head_dim",
         f"must equal hidden_dim / attention_heads = {m.hidden_dim // m.attention_heads}",
     )
-    _check(
-        m.head_dim % 2 == 0, "model.head_dim", "must be even (rotary embeddings rotate pairs)"
-    )
+    _check(m.head_dim % 2 == 0, "model.head_dim", "must be even (rotary embeddings rotate pairs)")
     _check(
         1 <= moe.top_k <= moe.experts_per_layer,
         "moe.top_k",
@@ -398,8 +399,10 @@ def validate(cfg: Config) -> None:
         "ma_separation.moe.devices",
         f"must list moe.gpus = {pool.gpus} devices, got {len(pool.devices)}",
     )
-    for key, devs in [("ma_separation.attention.devices", att.devices),
-                      ("ma_separation.moe.devices", pool.devices)]:
+    for key, devs in [
+        ("ma_separation.attention.devices", att.devices),
+        ("ma_separation.moe.devices", pool.devices),
+    ]:
         _check(len(set(devs)) == len(devs), key, "must not repeat a device")
         _check(all(0 <= d < total for d in devs), key, f"devices must be in 0..{total - 1}")
     overlap = sorted(set(att.devices) & set(pool.devices))
@@ -505,7 +508,11 @@ def validate(cfg: Config) -> None:
         "must be at least 50257 (the GPT-2 tokenizer's size)",
     )
     _check(opt.type.lower() == "adamw", "optimizer.type", "only AdamW is implemented")
-    _check(opt.learning_rate > 0, "optimizer.learning_rate", f"must be positive, got {opt.learning_rate}")
+    _check(
+        opt.learning_rate > 0,
+        "optimizer.learning_rate",
+        f"must be positive, got {opt.learning_rate}",
+    )
     _check(len(opt.betas) == 2, "optimizer.betas", "must be a pair [beta1, beta2]")
     _check(all(0 <= b_ < 1 for b_ in opt.betas), "optimizer.betas", "each beta must be in [0, 1)")
     _check(opt.weight_decay >= 0, "optimizer.weight_decay", "must be non-negative")
@@ -550,9 +557,13 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
         cls: Any = Config
         for depth, part in enumerate(parts):
             here = ".".join(parts[: depth + 1])
-            names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else None
+            names = (
+                {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else None
+            )
             if names is not None and part not in names:
-                raise ConfigError(here, f"unknown key (known keys here: {', '.join(sorted(names))})")
+                raise ConfigError(
+                    here, f"unknown key (known keys here: {', '.join(sorted(names))})"
+                )
             if names is None and not isinstance(node, dict):
                 raise ConfigError(here, "cannot set a key inside a non-mapping value")
             if depth == len(parts) - 1:

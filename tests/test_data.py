@@ -152,6 +152,17 @@ def test_bad_json_lines_name_file_and_line(tmp_path):
         list(file_documents([path]))
 
 
+def test_undecodable_files(tmp_path):
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("café".encode("latin-1"))
+    with pytest.raises(DataError, match="latin1.txt: not UTF-8"):
+        list(file_documents([latin1]))
+    not_gzip = tmp_path / "plain.json.gz"
+    not_gzip.write_text('{"text": "not compressed"}\n')
+    with pytest.raises(DataError, match="plain.json.gz: not a valid gzip file"):
+        list(file_documents([not_gzip]))
+
+
 def test_unsupported_suffix(tmp_path):
     path = tmp_path / "data.csv"
     path.write_text("a,b\n")
@@ -367,13 +378,23 @@ def test_window_permutation_is_fixed():
 # C4 through TensorFlow Datasets (only where the optional extra is installed)
 
 
+C4_MOCK_TEXTS = synthetic_documents(120)
+
+
 @pytest.fixture
 def mocked_c4(monkeypatch):
+    """A 'c4' config whose TFDS reads serve C4_MOCK_TEXTS through `tfds.testing.mock_data`."""
     tfds = pytest.importorskip("tensorflow_datasets")
+    import tensorflow as tf
+
+    def as_dataset(builder, split, *args, **kwargs):
+        assert split == "train"
+        return tf.data.Dataset.from_tensor_slices({"text": C4_MOCK_TEXTS})
+
     # Installed TFDS code only builds c4 3.1.0; 3.0.1 loads from prepared files alone.
     monkeypatch.setattr(sources_module, "C4_DATASET", "c4/en:3.1.0")
     monkeypatch.setattr(pipeline_module, "STREAM_SHUFFLE_WINDOWS", 8)
-    with tfds.testing.mock_data(num_examples=600, policy=tfds.testing.MockPolicy.USE_CODE):
+    with tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_CODE, as_dataset_fn=as_dataset):
         yield make_config(length=16, batch_size=4, source="c4", data_dir="/nonexistent/tfds")
 
 
@@ -385,6 +406,7 @@ def test_c4_stream_split_resume_and_epochs(mocked_c4):
     assert train.describe()["tokens"] is None
 
     texts = list(sources_module.c4_documents("train", cfg.training.data_dir))
+    assert texts == C4_MOCK_TEXTS
     is_validation = [validation_score(t) < cfg.training.validation_split for t in texts]
     train_texts = [t for t, v in zip(texts, is_validation, strict=True) if not v]
     validation_texts = [t for t, v in zip(texts, is_validation, strict=True) if v]
@@ -394,6 +416,9 @@ def test_c4_stream_split_resume_and_epochs(mocked_c4):
     uninterrupted = take(TokenBatches(cfg, "train"), per_epoch + 3)
     epoch0 = [tuple(row) for b in uninterrupted[:per_epoch] for row in b]
     assert Counter(epoch0) <= Counter(expected_train)
+    assert epoch0 != expected_train[: len(epoch0)], "windows are shuffled within blocks"
+    epoch1 = [tuple(row) for b in uninterrupted[per_epoch:] for row in b]
+    assert epoch1 != epoch0[: len(epoch1)]
 
     for stop in (1, 5, per_epoch - 1, per_epoch + 1):
         interrupted = TokenBatches(cfg, "train")

@@ -42,8 +42,13 @@ def loop_moe(x, router_kernel, wi, wo, top_k, capacity_factor):
 def test_moe_layer_matches_per_expert_loop(tiny_cfg, top_k, factor, skew):
     cfg = with_overrides(
         tiny_cfg,
-        [f"moe.top_k={top_k}", f"moe.capacity_factor={factor}", "model.hidden_dim=64",
-         "model.head_dim=2", "moe.expert_hidden_dim=32"],
+        [
+            f"moe.top_k={top_k}",
+            f"moe.capacity_factor={factor}",
+            "model.hidden_dim=64",
+            "model.head_dim=2",
+            "moe.expert_hidden_dim=32",
+        ],
     )
     layer = model.transformer.MoE(cfg, rngs=nnx.Rngs(0))
     if skew:
@@ -53,8 +58,9 @@ def test_moe_layer_matches_per_expert_loop(tiny_cfg, top_k, factor, skew):
     if skew:
         x = x + 1.0
     y, aux = layer(x)
-    ref = loop_moe(x, layer.router.kernel[...], layer.experts.wi[...], layer.experts.wo[...],
-                   top_k, factor)
+    ref = loop_moe(
+        x, layer.router.kernel[...], layer.experts.wi[...], layer.experts.wo[...], top_k, factor
+    )
     np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-4, atol=1e-5)
     assert float(aux.load_balancing_loss) >= 1.0 - 1e-6
     if skew:
@@ -76,7 +82,9 @@ def test_module_call_equals_pure_apply(tiny_cfg):
     tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, 50257)
     logits, _ = net(tokens, deterministic=True)
     params = model.init_params(tiny_cfg, 7)
-    np.testing.assert_array_equal(np.asarray(logits), np.asarray(model.apply(tiny_cfg, params, tokens)[0]))
+    np.testing.assert_array_equal(
+        np.asarray(logits), np.asarray(model.apply(tiny_cfg, params, tokens)[0])
+    )
 
 
 def test_gradients_reach_every_parameter(tiny_cfg):

@@ -132,9 +132,9 @@ def test_dispatch_is_a_gather_not_a_dense_one_hot():
     x = jnp.zeros((tokens, width))
     index = jnp.zeros((tokens, 2), jnp.int32)
     position, keep = routing.assign_capacity(index, experts, capacity)
-    jaxpr = jax.make_jaxpr(
-        lambda x: routing.dispatch(x, index, position, keep, experts, capacity)
-    )(x)
+    jaxpr = jax.make_jaxpr(lambda x: routing.dispatch(x, index, position, keep, experts, capacity))(
+        x
+    )
     dense = tokens * experts * capacity
     for eqn in jaxpr.eqns:
         for var in eqn.outvars:

@@ -149,10 +149,13 @@ def _split_corpus(
     corpus = _load_corpus(source_key)
     lengths = corpus.document_lengths
     in_validation = corpus.scores < validation_split
+    validation_tokens = int(lengths[in_validation].sum())
     for document in np.argsort(corpus.scores, kind="stable"):
-        if lengths[in_validation].sum() >= min_tokens:
+        if validation_tokens >= min_tokens:
             break
-        in_validation[document] = True
+        if not in_validation[document]:
+            in_validation[document] = True
+            validation_tokens += int(lengths[document])
     splits = {}
     for split, members in (("train", ~in_validation), ("validation", in_validation)):
         tokens = corpus.tokens[np.repeat(members, lengths)]

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import gzip
 import itertools
@@ -24,6 +25,7 @@ TEXT_SUFFIXES = (".txt",)
 JSONL_SUFFIXES = (".jsonl",)
 GZIP_JSONL_SUFFIXES = (".json.gz", ".jsonl.gz")
 SUPPORTED_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + GZIP_JSONL_SUFFIXES
+_GLOB_CHARS = "*?["
 
 
 class DataError(ValueError):
@@ -41,13 +43,15 @@ def embedded_documents() -> Iterator[str]:
 def expand_paths(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
     """Paths in the given order, each glob pattern replaced by its matches in sorted order.
 
+    A path that exists literally is never treated as a pattern, even if it contains `*?[`.
+
     Raises DataError for a path that does not exist, a pattern that matches nothing, or a file
     whose suffix is not one of SUPPORTED_SUFFIXES.
     """
     expanded: list[Path] = []
     for raw in paths:
         text = os.fspath(raw)
-        if glob.has_magic(text):
+        if any(char in text for char in _GLOB_CHARS) and not Path(text).exists():
             matches = sorted(glob.glob(text))
             if not matches:
                 raise DataError(f"data file pattern {text!r} matches no file")
@@ -86,17 +90,19 @@ def _json_lines_texts(path: Path, lines: Iterable[str]) -> Iterator[str]:
 
 def _documents_of_file(path: Path) -> Iterator[str]:
     name = path.name
-    if name.endswith(TEXT_SUFFIXES):
-        yield path.read_text(encoding="utf-8")
-    elif name.endswith(JSONL_SUFFIXES):
-        with path.open(encoding="utf-8") as lines:
-            yield from _json_lines_texts(path, lines)
-    else:
-        try:
+    try:
+        if name.endswith(TEXT_SUFFIXES):
+            yield path.read_text(encoding="utf-8")
+        elif name.endswith(JSONL_SUFFIXES):
+            with path.open(encoding="utf-8") as lines:
+                yield from _json_lines_texts(path, lines)
+        else:
             with gzip.open(path, "rt", encoding="utf-8") as lines:
                 yield from _json_lines_texts(path, lines)
-        except (gzip.BadGzipFile, EOFError) as e:
-            raise DataError(f"{path}: not a valid gzip file ({e})") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except (gzip.BadGzipFile, EOFError) as e:
+        raise DataError(f"{path}: not a valid gzip file ({e})") from None
 
 
 def file_documents(paths: Sequence[str | os.PathLike[str]]) -> Iterator[str]:
@@ -120,8 +126,10 @@ def _import_tfds():
             "training.source 'c4' reads C4 through TensorFlow Datasets, which is not installed; "
             "install the optional 'data' extra: pip install -e '.[data]'"
         ) from e
-    # The training process owns the accelerators through JAX; TensorFlow only reads files.
-    tf.config.set_visible_devices([], "GPU")
+    # JAX owns the accelerators; TensorFlow only reads files. RuntimeError: TF's devices were
+    # already initialised by the caller, who then decides.
+    with contextlib.suppress(RuntimeError):
+        tf.config.set_visible_devices([], "GPU")
     return tfds
 
 

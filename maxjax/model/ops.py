@@ -128,13 +128,9 @@ class Routing(NamedTuple):
     keep: jax.Array  # [B, S, k] bool
 
 
-def route(
-    x: jax.Array, router_kernel: jax.Array, top_k: int, capacity: int
-) -> Routing:
+def route(x: jax.Array, router_kernel: jax.Array, top_k: int, capacity: int) -> Routing:
     """Router logits (float32), top-k gates and capacity slots for x[B, S, M]."""
-    logits = jnp.einsum(
-        "bsm,me->bse", x.astype(jnp.float32), router_kernel.astype(jnp.float32)
-    )
+    logits = jnp.einsum("bsm,me->bse", x.astype(jnp.float32), router_kernel.astype(jnp.float32))
     num_experts = router_kernel.shape[-1]
     expert_index, gates = jax.vmap(routing.top_k_gating, in_axes=(0, None))(logits, top_k)
     position, keep = jax.vmap(routing.assign_capacity, in_axes=(0, None, None))(

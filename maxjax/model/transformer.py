@@ -54,7 +54,9 @@ class Attention(nnx.Module):
 
     def weights(self) -> ops.AttentionWeights:
         return ops.AttentionWeights(
-            self.query.kernel[...], self.key.kernel[...], self.value.kernel[...],
+            self.query.kernel[...],
+            self.key.kernel[...],
+            self.value.kernel[...],
             self.out.kernel[...],
         )
 
@@ -129,8 +131,10 @@ class MoETransformer(nnx.Module):
         self.cfg = cfg
         m = cfg.model
         self.embed = nnx.Embed(
-            cfg.training.vocab_size, m.hidden_dim,
-            embedding_init=nnx.initializers.normal(stddev=0.02), rngs=rngs,
+            cfg.training.vocab_size,
+            m.hidden_dim,
+            embedding_init=nnx.initializers.normal(stddev=0.02),
+            rngs=rngs,
         )
         self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(m.layers)])
         self.final_norm = RMSNorm(m.hidden_dim)
@@ -153,7 +157,8 @@ class MoETransformer(nnx.Module):
             per_layer.append(aux)
         x = self.final_norm(x)
         logits = jnp.einsum(
-            "bsm,mv->bsv", x.astype(compute_dtype(self.cfg)),
+            "bsm,mv->bsv",
+            x.astype(compute_dtype(self.cfg)),
             self.lm_head.kernel[...].astype(compute_dtype(self.cfg)),
         ).astype(jnp.float32)
         return logits, ops.mean_over_layers(per_layer)

@@ -209,8 +209,11 @@ class Runner(abc.ABC):
         for name, pool_grads in pools.items():
             # Every pool sees every partial norm (moved as scalars, without a host round trip).
             sharding = jax.tree.leaves(pool_grads)[0].sharding
-            replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()) \
-                if isinstance(sharding, jax.sharding.NamedSharding) else sharding
+            replicated = (
+                jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+                if isinstance(sharding, jax.sharding.NamedSharding)
+                else sharding
+            )
             norms = [jax.device_put(s, replicated) for s in partial]
             update = self._update_fn(name, tx)
             new_params[name], new_opt[name] = update(
@@ -275,9 +278,11 @@ class Runner(abc.ABC):
             pool_state = optax.tree_utils.tree_set(pool_state, mu=mu[name], nu=nu[name])
             # One fresh buffer per count leaf: the update donates its inputs.
             opt_state[name] = jax.tree_util.tree_map_with_path(
-                lambda path, x: jax.device_put(
-                    np.asarray(exported["count"], dtype=x.dtype), x.sharding
-                ) if getattr(path[-1], "name", None) == "count" else x,
+                lambda path, x: (
+                    jax.device_put(np.asarray(exported["count"], dtype=x.dtype), x.sharding)
+                    if getattr(path[-1], "name", None) == "count"
+                    else x
+                ),
                 pool_state,
             )
         return TrainState(params, opt_state, step)

@@ -8,7 +8,7 @@ import jax
 
 from maxjax import model
 from maxjax.config import Config
-from maxjax.model import Params
+from maxjax.model import Params, decode
 from maxjax.parallel.runner import Runner, Tree
 
 
@@ -28,7 +28,8 @@ class SingleRunner(Runner):
 
     def init(self, seed: int) -> Params:
         return jax.jit(
-            functools.partial(model.init_params, self.cfg), static_argnums=0,
+            functools.partial(model.init_params, self.cfg),
+            static_argnums=0,
             out_shardings=self.sharding,
         )(seed)
 
@@ -42,6 +43,23 @@ class SingleRunner(Runner):
             params, jax.device_put(tokens, self.sharding), rng
         )
         return metrics, grads
+
+    def generate(
+        self,
+        params: Params,
+        prompt: jax.Array,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        seed: int = 0,
+    ) -> jax.Array:
+        return decode.generate(
+            self.cfg,
+            params,
+            jax.device_put(prompt, self.sharding),
+            max_new_tokens,
+            temperature,
+            seed,
+        )
 
     def to_canonical(self, tree: Tree) -> Tree:
         return tree
