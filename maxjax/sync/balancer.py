@@ -1,0 +1,125 @@
+"""The balancer: decide when the pools are out of balance and what plan restores it.
+
+Pure functions of arrays and plain values. A plan is an expert placement (which expert lives on
+which expert device, each device keeping `experts_per_gpu`) and a micro-batch count for the
+ping-pong schedule between the attention and expert pools.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+
+
+def imbalance(times: Sequence[float] | np.ndarray) -> float:
+    """(slowest - fastest) / slowest: 0 when balanced; the seed acts above 0.05."""
+    t = np.asarray(times, dtype=np.float64)
+    return float((t.max() - t.min()) / t.max()) if t.max() > 0 else 0.0
+
+
+def device_loads(
+    expert_load: Sequence[float] | np.ndarray, expert_mapping: Mapping[str, Sequence[int]]
+) -> dict[str, float]:
+    """Summed load (e.g. fraction of routed assignments) of each expert device."""
+    load = np.asarray(expert_load, dtype=np.float64)
+    return {device: float(load[list(experts)].sum()) for device, experts in expert_mapping.items()}
+
+
+def rebalance_experts(
+    expert_load: Sequence[float] | np.ndarray,
+    devices: Sequence[str],
+    experts_per_device: int,
+) -> dict[str, tuple[int, ...]]:
+    """Place experts on devices so that the summed loads are as even as a greedy pass makes them.
+
+    Heaviest expert first, each onto the least-loaded device that still has room (longest
+    processing time first, with the equal-count constraint of `experts_per_gpu`).
+    """
+    load = np.asarray(expert_load, dtype=np.float64)
+    if load.size != len(devices) * experts_per_device:
+        raise ValueError(
+            f"{load.size} experts do not fill {len(devices)} devices x {experts_per_device}"
+        )
+    placed: dict[str, list[int]] = {d: [] for d in devices}
+    totals = dict.fromkeys(devices, 0.0)
+    for expert in np.argsort(-load, kind="stable"):
+        open_devices = [d for d in devices if len(placed[d]) < experts_per_device]
+        target = min(open_devices, key=lambda d: (totals[d], devices.index(d)))
+        placed[target].append(int(expert))
+        totals[target] += float(load[expert])
+    return {d: tuple(sorted(experts)) for d, experts in placed.items()}
+
+
+def pingpong_layer_time(attention_time: float, expert_time: float, microbatches: int) -> float:
+    """One layer of the two-pool pipeline with m micro-batches, each stage taking t/m per micro-batch.
+
+    The first micro-batch passes both stages; each further one adds the slower stage's share:
+    a/m + e/m + (m - 1) * max(a, e)/m. Per-micro-batch overheads are the predictor's to model
+    (pass times predicted for the micro-batch size instead of dividing).
+    """
+    a, e, m = attention_time / microbatches, expert_time / microbatches, microbatches
+    return a + e + (m - 1) * max(a, e)
+
+
+def choose_microbatches(
+    stage_times: Callable[[int], tuple[float, float]],
+    candidates: Sequence[int],
+    layers: int,
+) -> tuple[int, float]:
+    """The micro-batch count with the smallest predicted step time, and that time.
+
+    `stage_times(m)` gives the predicted (attention, expert) time of one whole layer's work when
+    the batch is cut into m micro-batches (e.g. m times the predicted per-micro-batch time).
+    """
+    best = None
+    for m in candidates:
+        attention_time, expert_time = stage_times(m)
+        t = layers * pingpong_layer_time(attention_time, expert_time, m)
+        if best is None or t < best[1]:
+            best = (m, t)
+    if best is None:
+        raise ValueError("no micro-batch candidates given")
+    return best
+
+
+@dataclasses.dataclass(frozen=True)
+class SyncPlan:
+    """What the balancer proposes at a sync point, and why."""
+
+    expert_mapping: dict[str, tuple[int, ...]]
+    microbatches: int
+    imbalance_before: float
+    imbalance_after: float
+
+    @property
+    def changes_placement(self) -> bool:
+        return self.imbalance_after < self.imbalance_before
+
+
+def plan(
+    expert_load: Sequence[float] | np.ndarray,
+    expert_mapping: Mapping[str, Sequence[int]],
+    experts_per_device: int,
+    threshold: float,
+    microbatches: int,
+    stage_times: Callable[[int], tuple[float, float]] | None = None,
+    microbatch_candidates: Sequence[int] = (1, 2, 4, 8),
+    layers: int = 1,
+) -> SyncPlan | None:
+    """A new plan when the expert devices' loads differ by more than `threshold`, else None.
+
+    The micro-batch count is re-chosen from the predicted stage times when they are given.
+    """
+    before = imbalance(list(device_loads(expert_load, expert_mapping).values()))
+    if before <= threshold:
+        return None
+    devices = list(expert_mapping)
+    mapping = rebalance_experts(expert_load, devices, experts_per_device)
+    after = imbalance(list(device_loads(expert_load, mapping).values()))
+    if after >= before:
+        mapping, after = {d: tuple(e) for d, e in expert_mapping.items()}, before
+    if stage_times is not None:
+        microbatches, _ = choose_microbatches(stage_times, microbatch_candidates, layers)
+    return SyncPlan(mapping, microbatches, before, after)

@@ -1,0 +1,101 @@
+"""The time predictor: a 3-layer MLP from stage features to stage times, as pure functions.
+
+Features describe one step of a stage (tokens each expert device receives, micro-batch size,
+sequence length, heads per attention device, ...); targets are measured stage times. Both are
+log-scaled and standardised, so the small network fits times that span orders of magnitude.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+class Predictor(NamedTuple):
+    """MLP weights and the feature / target normalisation fitted with them."""
+
+    layers: tuple[tuple[jax.Array, jax.Array], ...]  # ((w, b), ...) for 3 dense layers
+    feature_mean: jax.Array
+    feature_std: jax.Array
+    target_mean: jax.Array
+    target_std: jax.Array
+
+
+def init_predictor(
+    key: jax.Array, num_features: int, num_outputs: int = 1, hidden: int = 32
+) -> Predictor:
+    """A 3-layer MLP (features -> hidden -> hidden -> outputs) with identity normalisation."""
+    sizes = (num_features, hidden, hidden, num_outputs)
+    keys = jax.random.split(key, len(sizes) - 1)
+    layers = tuple(
+        (jax.random.normal(k, (n_in, n_out)) * jnp.sqrt(2.0 / n_in), jnp.zeros((n_out,)))
+        for k, n_in, n_out in zip(keys, sizes[:-1], sizes[1:], strict=True)
+    )
+    return Predictor(
+        layers,
+        jnp.zeros((num_features,)),
+        jnp.ones((num_features,)),
+        jnp.zeros((num_outputs,)),
+        jnp.ones((num_outputs,)),
+    )
+
+
+def _mlp(layers: tuple, x: jax.Array) -> jax.Array:
+    for i, (w, b) in enumerate(layers):
+        x = x @ w + b
+        if i < len(layers) - 1:
+            x = jax.nn.gelu(x)
+    return x
+
+
+def _log_features(x: jax.Array) -> jax.Array:
+    return jnp.log1p(jnp.maximum(x.astype(jnp.float32), 0.0))
+
+
+def _log_times(t: jax.Array) -> jax.Array:
+    return jnp.log(jnp.maximum(t.astype(jnp.float32), 1e-9))
+
+
+def predict(predictor: Predictor, features: jax.Array) -> jax.Array:
+    """Predicted times [N, outputs] for features [N, F] (same units as the fitted targets)."""
+    z = (_log_features(features) - predictor.feature_mean) / predictor.feature_std
+    log_t = _mlp(predictor.layers, z) * predictor.target_std + predictor.target_mean
+    return jnp.exp(log_t)
+
+
+def fit(
+    predictor: Predictor,
+    features: jax.Array,
+    times: jax.Array,
+    steps: int = 500,
+    learning_rate: float = 1e-2,
+) -> tuple[Predictor, jax.Array]:
+    """Refit on measured (features [N, F], times [N, outputs]); returns (predictor, final loss).
+
+    Mean squared error in normalised log-time, full-batch Adam for `steps` steps.
+    """
+    log_f, log_t = _log_features(features), _log_times(times)
+    f_mean, f_std = jnp.mean(log_f, 0), jnp.std(log_f, 0) + 1e-6
+    t_mean, t_std = jnp.mean(log_t, 0), jnp.std(log_t, 0) + 1e-6
+    z, y = (log_f - f_mean) / f_std, (log_t - t_mean) / t_std
+    tx = optax.adam(learning_rate)
+
+    def loss_fn(layers: tuple) -> jax.Array:
+        return jnp.mean(jnp.square(_mlp(layers, z) - y))
+
+    def step(carry, _):
+        layers, opt_state = carry
+        loss, grads = jax.value_and_grad(loss_fn)(layers)
+        updates, opt_state = tx.update(grads, opt_state)
+        return (optax.apply_updates(layers, updates), opt_state), loss
+
+    (layers, _), losses = jax.lax.scan(
+        step, (predictor.layers, tx.init(predictor.layers)), None, length=steps
+    )
+    return Predictor(layers, f_mean, f_std, t_mean, t_std), losses[-1]
+
+
+fit = jax.jit(fit, static_argnames=("steps",))
