@@ -276,10 +276,11 @@ class Runner(abc.ABC):
         opt_state = {}
         for name, pool_state in state.opt_state.items():
             pool_state = optax.tree_utils.tree_set(pool_state, mu=mu[name], nu=nu[name])
-            # One fresh buffer per count leaf: the update donates its inputs.
+            # One fresh, uncommitted scalar per count leaf: the update donates its inputs, and
+            # an uncommitted array may join whichever devices the pool lives on.
             opt_state[name] = jax.tree_util.tree_map_with_path(
                 lambda path, x: (
-                    jax.device_put(np.asarray(exported["count"], dtype=x.dtype), x.sharding)
+                    jnp.array(np.asarray(exported["count"]), dtype=x.dtype)
                     if getattr(path[-1], "name", None) == "count"
                     else x
                 ),

@@ -1,0 +1,218 @@
+"""Restore a checkpoint and report validation loss and perplexity.
+
+    python -m maxjax.evaluate --checkpoint-dir checkpoints/tiny [--step N] [--strategy S] [--json PATH]
+
+The config comes from the checkpoint itself. Perplexity is exp of the mean next-token
+cross-entropy over the first `training.validation_batches` validation batches (the same batches
+training reports). This module also holds what `maxjax.train` shares with it: starting JAX
+(emulated CPU devices, multi-process clusters) and building global batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from maxjax import model
+from maxjax.checkpoint import CheckpointError, CheckpointStore, read_config
+from maxjax.config import Config, ConfigError, config_from_dict
+from maxjax.data import DataError, validation_batches
+from maxjax.model import ops
+from maxjax.optim import make_optimizer
+from maxjax.parallel import STRATEGIES, DeviceError, Runner, TrainState, make_runner
+
+# --- starting JAX ---------------------------------------------------------------------------
+
+
+def init_distributed() -> bool:
+    """Join a multi-process JAX cluster if the environment describes one; True if it did.
+
+    Explicit: MAXJAX_COORDINATOR_ADDRESS (host:port of process 0), MAXJAX_NUM_PROCESSES,
+    MAXJAX_PROCESS_ID. Otherwise, under SLURM or Open MPI with more than one task, JAX's own
+    auto-detection (`jax.distributed.initialize()` with no arguments).
+    """
+    env = os.environ
+    if "MAXJAX_COORDINATOR_ADDRESS" in env:
+        jax.distributed.initialize(
+            coordinator_address=env["MAXJAX_COORDINATOR_ADDRESS"],
+            num_processes=int(env["MAXJAX_NUM_PROCESSES"]),
+            process_id=int(env["MAXJAX_PROCESS_ID"]),
+        )
+        return True
+    if int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+        jax.distributed.initialize()
+        return True
+    return False
+
+
+def setup_jax(cfg: Config) -> None:
+    """Before any JAX computation: join the cluster (if any) and emulate the config's devices on CPU.
+
+    `jax_num_cpu_devices` only affects the CPU backend, so on a GPU machine it changes nothing.
+    It is left alone when XLA_FLAGS already sets a device count or JAX has already started
+    (a notebook or a test that set up its devices itself).
+    """
+    processes = int(os.environ.get("MAXJAX_NUM_PROCESSES", os.environ.get("SLURM_NTASKS", "1")))
+    try:
+        if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+            jax.config.update("jax_num_cpu_devices", max(1, cfg.hardware.total_gpus // processes))
+        if processes > 1:
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    except RuntimeError:
+        return  # JAX is already running: keep its devices
+    if processes > 1 and not jax.distributed.is_initialized():
+        init_distributed()
+
+
+def global_batch(local: np.ndarray) -> np.ndarray | jax.Array:
+    """This process's rows of a batch as the global [B, ...] array every process sees.
+
+    In one process the numpy array itself (the runner places it). With P processes the rows of
+    process p live on p's devices, as `TokenBatches(process_index=p)` produced them.
+    """
+    count = jax.process_count()
+    if count == 1:
+        return local
+    rows = [[d for d in jax.devices() if d.process_index == p] for p in range(count)]
+    sharding = NamedSharding(Mesh(np.array(rows), ("process", "local")), PartitionSpec("process"))
+    return jax.make_array_from_process_local_data(
+        sharding, local, (local.shape[0] * count, *local.shape[1:])
+    )
+
+
+def data_shard() -> dict[str, int]:
+    """This process's share of every global batch (TokenBatches keyword arguments)."""
+    return {"process_index": jax.process_index(), "process_count": jax.process_count()}
+
+
+# --- validation -----------------------------------------------------------------------------
+
+_cross_entropy = jax.jit(ops.cross_entropy)
+
+
+def validation_loss(runner: Runner, params: model.Params, batches: list[np.ndarray]) -> float:
+    """Mean next-token cross-entropy (no dropout, no auxiliary losses) over equal-sized batches."""
+    losses = [
+        _cross_entropy(runner.forward(params, global_batch(b[:, :-1])), global_batch(b[:, 1:]))
+        for b in batches
+    ]
+    return float(np.mean([float(x) for x in losses]))
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else math.inf
+
+
+# --- restoring ------------------------------------------------------------------------------
+
+
+def default_strategy(checkpoint_dir: str | Path, step: int | None = None) -> str:
+    """The strategy that wrote the checkpoint if it is available here, else 'single'."""
+    try:
+        s, _ = read_config(checkpoint_dir, step)
+        meta = json.loads((Path(checkpoint_dir) / str(s) / "meta" / "metadata").read_text())
+        strategy = meta.get("strategy", "single")
+    except (CheckpointError, OSError, json.JSONDecodeError):
+        strategy = "single"
+    return strategy if strategy in STRATEGIES else "single"
+
+
+def restore(
+    checkpoint_dir: str | Path,
+    step: int | None = None,
+    strategy: str | None = None,
+    warn=lambda message: print(message, file=sys.stderr),
+) -> tuple[Config, Runner, TrainState, dict[str, Any]]:
+    """(config, runner, train state, meta) of a checkpoint, placed for `strategy`.
+
+    The config is the checkpoint's own; `strategy` defaults to the one that wrote it. Call
+    `setup_jax(cfg)` first in a fresh process if the strategy needs emulated CPU devices.
+    """
+    _, data = read_config(checkpoint_dir, step)
+    cfg = config_from_dict(data)
+    strategy = strategy or default_strategy(checkpoint_dir, step)
+    runner = make_runner(cfg, strategy)
+    store = CheckpointStore(checkpoint_dir, create=False)
+    try:
+        restored_step, exported, meta, _ = store.restore(model.abstract_params(cfg), step, warn)
+    finally:
+        store.close()
+    tx = make_optimizer(cfg)
+    return cfg, runner, runner.import_train_state(exported, restored_step, tx), meta
+
+
+def evaluate(
+    checkpoint_dir: str | Path,
+    step: int | None = None,
+    strategy: str | None = None,
+    num_batches: int | None = None,
+) -> dict[str, Any]:
+    """{step, val_loss, perplexity, strategy, batches} of a checkpoint on the validation split."""
+    cfg, runner, state, _ = restore(checkpoint_dir, step, strategy)
+    count = num_batches or cfg.training.validation_batches
+    batches = validation_batches(cfg, count, **data_shard())
+    loss = validation_loss(runner, state.params, batches)
+    return {
+        "step": state.step,
+        "val_loss": loss,
+        "perplexity": perplexity(loss),
+        "strategy": runner.name,
+        "batches": len(batches),
+    }
+
+
+# --- command line ---------------------------------------------------------------------------
+
+USER_ERRORS = (ConfigError, DataError, DeviceError, CheckpointError)
+
+
+def quiet_libraries() -> None:
+    """Keep orbax's and absl's progress logs off stderr, which carries only our messages."""
+    import absl.logging
+
+    absl.logging.set_verbosity(absl.logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m maxjax.evaluate", description="Validation loss of a checkpoint."
+    )
+    parser.add_argument("--checkpoint-dir", required=True, help="directory of a training run")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default newest)")
+    parser.add_argument("--strategy", default=None, help="strategy to run (default: the writer's)")
+    parser.add_argument("--batches", type=int, default=None, help="validation batches to use")
+    parser.add_argument("--json", default=None, help="also write the result to this JSON file")
+    args = parser.parse_args(argv)
+    quiet_libraries()
+    try:
+        if args.strategy is not None and args.strategy not in STRATEGIES:
+            raise ConfigError(
+                "--strategy", f"{args.strategy!r} is not available; choose one of {STRATEGIES}"
+            )
+        _, data = read_config(args.checkpoint_dir, args.step)
+        setup_jax(config_from_dict(data))
+        result = evaluate(args.checkpoint_dir, args.step, args.strategy, args.batches)
+    except USER_ERRORS as e:
+        print(f"maxjax.evaluate: error: {e}", file=sys.stderr)
+        return 1
+    print(
+        f"step {result['step']}: validation loss {result['val_loss']:.4f}, "
+        f"perplexity {result['perplexity']:.2f} ({result['batches']} batches, "
+        f"strategy {result['strategy']})"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

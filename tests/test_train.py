@@ -1,0 +1,136 @@
+"""python -m maxjax.train: learning, metrics, exact resume, and resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import time
+
+import pytest
+from _train_helpers import (
+    STEPS,
+    records,
+    start_training,
+    train_argv,
+    train_losses,
+    use_compile_cache,
+)
+
+from maxjax import evaluate, train
+from maxjax.parallel import STRATEGIES
+
+compile_cache = pytest.fixture(scope="module", autouse=True)(use_compile_cache)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """A run that never stopped: STEPS steps in one call."""
+    directory = tmp_path_factory.mktemp("reference")
+    assert train.main(train_argv(directory)) == 0
+    return directory
+
+
+def test_short_run_lowers_validation_loss_and_logs_every_step(reference):
+    rows = records(reference)
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, STEPS + 1))
+    for key in (
+        "loss",
+        "lm_loss",
+        "load_balancing_loss",
+        "z_loss",
+        "learning_rate",
+        "grad_norm",
+        "tokens_per_second",
+        "expert_fraction",
+        "dropped_fraction",
+    ):
+        assert key in steps[-1], key
+    assert len(steps[-1]["expert_fraction"]) == 16
+    assert math.isclose(sum(steps[-1]["expert_fraction"]), 1.0, rel_tol=1e-5)
+    assert steps[0]["learning_rate"] == 0.0 and steps[2]["learning_rate"] > 0  # warmup of 2
+    val = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in val] == [4, 8, 12]
+    assert val[-1]["val_loss"] < val[0]["val_loss"] < math.log(50265)
+    assert math.isclose(val[-1]["val_perplexity"], math.exp(val[-1]["val_loss"]))
+    assert sorted(p.name for p in reference.iterdir() if p.name.isdigit()) == ["12", "4", "8"]
+
+
+def test_resume_equals_uninterrupted(reference, tmp_path, capsys):
+    assert train.main(train_argv(tmp_path, 6)) == 0
+    assert train.main(train_argv(tmp_path, STEPS)) == 0
+    assert "resumed from the checkpoint of step 6" in capsys.readouterr().out
+    assert train_losses(tmp_path) == train_losses(reference)
+
+
+def _kill_when(process, ready, timeout=240.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert process.poll() is None, process.stderr.read().decode()
+        assert time.monotonic() < deadline, "the condition to kill at never came"
+        time.sleep(0.002)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+def _logged_steps(directory) -> int:
+    path = directory / "metrics.jsonl"
+    return path.read_text().count('"loss"') if path.exists() else 0
+
+
+def test_sigkill_during_training_then_resume(reference, tmp_path):
+    process = start_training(tmp_path)
+    _kill_when(process, lambda: _logged_steps(tmp_path) >= 6)
+    assert train.main(train_argv(tmp_path)) == 0
+    assert train_losses(tmp_path) == train_losses(reference)
+
+
+def test_sigkill_during_save_then_resume(reference, tmp_path):
+    def saving_after_step_4() -> bool:
+        return (
+            any(
+                "tmp" in p.name and not p.name.startswith("4.")
+                for p in tmp_path.iterdir()
+                if p.is_dir()
+            )
+            if _logged_steps(tmp_path) >= 8
+            else False
+        )
+
+    process = start_training(tmp_path)
+    _kill_when(process, saving_after_step_4)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert any("tmp" in name for name in left), left  # killed while orbax was writing
+    assert train.main(train_argv(tmp_path)) == 0
+    assert train_losses(tmp_path) == train_losses(reference)
+
+
+def test_evaluate_cli_reports_the_checkpoint(reference, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert evaluate.main(["--checkpoint-dir", str(reference), "--json", str(out)]) == 0
+
+    result = json.loads(out.read_text())
+    logged = [r for r in records(reference) if "val_loss" in r][-1]
+    assert result["step"] == STEPS
+    assert result["val_loss"] == pytest.approx(logged["val_loss"], rel=1e-6)
+    assert result["perplexity"] == pytest.approx(math.exp(result["val_loss"]))
+    earlier = evaluate.evaluate(reference, step=8)
+    assert earlier["step"] == 8 and earlier["val_loss"] > result["val_loss"]
+
+
+@pytest.mark.skipif("ma" not in STRATEGIES, reason="the MA separation runner is not registered")
+def test_restore_under_another_strategy_gives_the_same_validation_loss(reference):
+    single = evaluate.evaluate(reference, strategy="single")
+    ma = evaluate.evaluate(reference, strategy="ma")
+    assert ma["strategy"] == "ma" and ma["step"] == single["step"]
+    assert ma["val_loss"] == pytest.approx(single["val_loss"], rel=1e-5)
+
+
+@pytest.mark.skipif("ma" not in STRATEGIES, reason="the MA separation runner is not registered")
+def test_training_continues_under_ma_from_a_single_device_checkpoint(reference, tmp_path):
+    resumed = tmp_path / "resumed"
+    shutil.copytree(reference, resumed)
+    assert train.main(train_argv(resumed, STEPS + 1, strategy="ma")) == 0
+    assert [step for step, _ in train_losses(resumed)] == list(range(1, STEPS + 2))
