@@ -161,3 +161,21 @@ def test_paper_model_builds_abstractly_with_seed_shapes(paper_cfg):
     total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     expected_experts = 4 * 16 * 2 * 4096 * 16384
     assert total == expected_experts + 4 * 4 * 4096**2 + 4 * 4096 * 16 + 2 * 50265 * 4096 + 9 * 4096
+
+
+def test_gradient_checkpointing_changes_nothing_but_memory(tiny_cfg):
+    remat_cfg = with_overrides(tiny_cfg, ["training.gradient_checkpointing=true"])
+    params = model.init_params(tiny_cfg, 0)
+    tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 50257)
+
+    def grads(cfg):
+        fn = jax.jit(jax.grad(lambda p: model.loss_fn(cfg, p, tokens, jax.random.key(2))[0]))
+        return fn(params)
+
+    plain = grads(tiny_cfg)
+    remat = grads(remat_cfg)
+    for (path, a), (_, b) in zip(tree_paths(plain), tree_paths(remat), strict=True):
+        a, b = np.asarray(a), np.asarray(b)
+        assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b), ".".join(path)
+    forward = jax.make_jaxpr(lambda p: model.loss_fn(remat_cfg, p, tokens)[0])(params)
+    assert "remat" in str(forward)

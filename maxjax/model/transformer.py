@@ -124,6 +124,12 @@ class DecoderLayer(nnx.Module):
         return h + y, aux
 
 
+def _call_layer(
+    layer: DecoderLayer, x: jax.Array, positions: jax.Array, key: jax.Array | None
+) -> tuple[jax.Array, ops.RoutingAux]:
+    return layer(x, positions, key)
+
+
 class MoETransformer(nnx.Module):
     """Decoder-only MoE transformer; `model(tokens[B, S])` -> (logits[B, S, V], aux)."""
 
@@ -151,9 +157,12 @@ class MoETransformer(nnx.Module):
         positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
         x = self.embed.embedding[...][tokens].astype(jnp.float32)
         per_layer = []
+        run_layer = _call_layer
+        if self.cfg.training.gradient_checkpointing:
+            run_layer = nnx.remat(_call_layer)
         for i, layer in enumerate(self.layers):
             key = None if deterministic else jax.random.fold_in(dropout_key, i)
-            x, aux = layer(x, positions, key)
+            x, aux = run_layer(layer, x, positions, key)
             per_layer.append(aux)
         x = self.final_norm(x)
         logits = jnp.einsum(
