@@ -1,0 +1,212 @@
+"""MA separation vs the single-device reference: step time, bytes between the pools, programs.
+
+`python -m maxjax.bench ma-step [--config tiny] [--repeats N] [--skip-paper] [--json PATH]`
+
+On 16 emulated CPU devices (set up here before JAX starts), for the tiny config:
+
+- forward + backward step time (``value_and_grad``) of "single" and "ma": medians over
+  ``--repeats`` runs after ``--warmup`` runs, with min and max. Measured here, on this machine's
+  CPU cores: every emulated device shares them, so this shows total work plus dispatch overhead,
+  not parallel speed-up;
+- bytes per layer each way between the pools, with and without 8-bit compression (from shapes);
+- programs dispatched per step (jitted calls of the runner and of the collective transport).
+
+Then the paper config's training attention stage and expert stage compile ahead of time on the 16
+emulated devices (nothing runs), printing per-device flops (``cost_analysis``) and memory
+(``memory_analysis``). Prints, never asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import time
+from typing import Any
+
+DEVICES = 16
+
+
+def _emulate_devices() -> None:
+    """16 CPU devices, set before any JAX backend starts (no effect on a started backend)."""
+    flag = f"--xla_force_host_platform_device_count={DEVICES}"
+    if flag not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+    import jax
+
+    # Raises once the backend is up (e.g. under pytest, which set its own device count).
+    with contextlib.suppress(RuntimeError):
+        jax.config.update("jax_num_cpu_devices", DEVICES)
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m maxjax.bench ma-step", description=__doc__)
+    parser.add_argument("--config", default="tiny", help="config for the timed steps")
+    parser.add_argument("--override", action="append", default=[], help="dotted key=value")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--skip-paper", action="store_true", help="skip the paper AOT compile")
+    parser.add_argument(
+        "--paper-sequences",
+        type=int,
+        default=None,
+        help="sequences per micro-batch for the paper compile (default: batch / microbatches)",
+    )
+    parser.add_argument("--json", default=None, help="write the figures to this file")
+    return parser.parse_args(argv)
+
+
+def _time_step(fn: Any, repeats: int, warmup: int) -> dict[str, float]:
+    import jax
+
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return {
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        "repeats": repeats,
+    }
+
+
+def measure_steps(args: argparse.Namespace) -> dict[str, Any]:
+    import jax
+    import numpy as np
+
+    from maxjax import model
+    from maxjax.config import load_config, with_overrides
+    from maxjax.parallel import make_runner
+    from maxjax.parallel.ma import MARunner
+
+    cfg = load_config(args.config, ["training.dtype=float32", *args.override])
+    batch, seq = cfg.sequence.batch_size, cfg.sequence.length
+    tokens = np.asarray(jax.random.randint(jax.random.key(0), (batch, seq + 1), 0, 50257))
+    canonical = jax.tree.map(np.asarray, jax.jit(lambda: model.init_params(cfg, 0))())
+
+    single = make_runner(cfg, "single")
+    single_params = single.from_canonical(canonical)
+    ma = MARunner(cfg)
+    ma_params = ma.from_canonical(canonical)
+    key = jax.random.key(1)
+
+    timings = {
+        "single": _time_step(
+            lambda: single.value_and_grad(single_params, tokens, key), args.repeats, args.warmup
+        ),
+        "ma": _time_step(
+            lambda: ma.value_and_grad(ma_params, tokens, key), args.repeats, args.warmup
+        ),
+    }
+    programs = ma.programs_dispatched + ma.transport.programs_dispatched
+    other = "none" if ma.compress else "8-bit quantization"
+    other_cfg = with_overrides(
+        cfg, [f"ma_separation.synchronization.communication_compression={other}"]
+    )
+    bytes_by_setting = {
+        cfg.ma_separation.synchronization.communication_compression: ma.transfer_bytes(batch, seq),
+        other: MARunner(other_cfg).transfer_bytes(batch, seq),
+    }
+    return {
+        "config": args.config,
+        "batch": batch,
+        "seq_len": seq,
+        "microbatches": cfg.ma_separation.microbatches,
+        "transport": ma.transport.name,
+        "compression": cfg.ma_separation.synchronization.communication_compression,
+        "devices": str(jax.devices()[0].platform),
+        "step_time": timings,
+        "ma_over_single": timings["ma"]["median_s"] / timings["single"]["median_s"],
+        "programs_per_step": {"single": 1, "ma": programs},
+        "bytes_per_layer": bytes_by_setting,
+    }
+
+
+def compile_paper_stages(args: argparse.Namespace) -> dict[str, Any]:
+    from maxjax.config import load_config
+    from maxjax.parallel.ma import MARunner
+
+    cfg = load_config("paper")
+    sequences = args.paper_sequences or cfg.sequence.batch_size // cfg.ma_separation.microbatches
+    runner = MARunner(cfg)
+    out: dict[str, Any] = {"sequences_per_microbatch": sequences, "seq_len": cfg.sequence.length}
+    for name, lowered in runner.lower_stages(sequences, cfg.sequence.length).items():
+        start = time.perf_counter()
+        compiled = lowered.compile()
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        memory = compiled.memory_analysis()
+        out[name] = {
+            "compile_s": time.perf_counter() - start,
+            "flops_per_device": float(cost.get("flops", float("nan"))),
+            "bytes_accessed_per_device": float(cost.get("bytes accessed", float("nan"))),
+            "argument_bytes": getattr(memory, "argument_size_in_bytes", None),
+            "output_bytes": getattr(memory, "output_size_in_bytes", None),
+            "temp_bytes": getattr(memory, "temp_size_in_bytes", None),
+        }
+    return out
+
+
+def _report(result: dict[str, Any]) -> None:
+    steps = result["steps"]
+    print(
+        f"config {steps['config']}: batch {steps['batch']} x {steps['seq_len']} tokens, "
+        f"{steps['microbatches']} micro-batches, transport {steps['transport']}, "
+        f"compression {steps['compression']!r} (measured here, {steps['devices']}, "
+        "16 emulated devices sharing this machine's cores)"
+    )
+    for name, t in steps["step_time"].items():
+        print(
+            f"  {name:6s} forward+backward: median {t['median_s'] * 1e3:8.1f} ms "
+            f"(min {t['min_s'] * 1e3:.1f}, max {t['max_s'] * 1e3:.1f}, {t['repeats']} runs)"
+        )
+    print(f"  ma / single: {steps['ma_over_single']:.2f}x (target <= 1.3x)")
+    print(f"  programs dispatched per step: {steps['programs_per_step']}")
+    for setting, b in steps["bytes_per_layer"].items():
+        print(
+            f"  bytes per layer, compression {setting!r}: attention->experts "
+            f"{b['attention_to_experts']:,}, experts->attention {b['experts_to_attention']:,} "
+            f"(delivered to all attention devices {b['experts_to_attention_delivered']:,}; "
+            f"scales {b['scale_bytes_each_way']:,}); backward {b['backward_each_way']:,} each way"
+        )
+    paper = result.get("paper")
+    if paper:
+        print(
+            f"paper config, AOT compile only ({paper['sequences_per_microbatch']} sequences x "
+            f"{paper['seq_len']} tokens per micro-batch; per device, from XLA's analyses):"
+        )
+        for name in ("attention", "experts"):
+            s = paper[name]
+            gib = lambda n: (n or 0) / 2**30
+            print(
+                f"  {name:9s} stage: {s['flops_per_device'] / 1e12:9.2f} TFLOP, "
+                f"{s['bytes_accessed_per_device'] / 2**30:9.2f} GiB accessed, memory: "
+                f"arguments {gib(s['argument_bytes']):.2f} GiB, outputs "
+                f"{gib(s['output_bytes']):.2f} GiB, temp {gib(s['temp_bytes']):.2f} GiB "
+                f"(compiled in {s['compile_s']:.1f} s)"
+            )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(list(argv or []))
+    _emulate_devices()
+    result: dict[str, Any] = {"steps": measure_steps(args)}
+    if not args.skip_paper:
+        result["paper"] = compile_paper_stages(args)
+    _report(result)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    raise SystemExit(main(sys.argv[1:]))
