@@ -1,0 +1,521 @@
+"""The Table 1 baselines: tensor (TP), pipeline (PP) and tensor + pipeline parallelism.
+
+All three run one `jax.shard_map` program over the full mesh reshaped to (data, stage, tensor):
+
+- ``tp``: TP x DP over (data, 1, tensor); ``pp``: PP x DP over (data, stage, 1);
+  ``tp_pp``: TP x PP x DP over all three. Degrees come from `cfg.baselines`; data parallelism
+  takes the remaining devices.
+- Tensor parallelism (Megatron style): every device of a tensor group holds an even share of the
+  heads (query/key/value columns and output-projection rows); the partial outputs are reduced with
+  a psum over 'tensor'.
+- Experts are expert-parallel inside the tensor group: each device holds E / tp experts of every
+  layer. All devices of the group see the same tokens (the attention psum replicates them), route
+  them identically, run their own experts on their buffers, and the combine is a psum over
+  'tensor' of each device's partial combine. With replicated tokens this psum moves the same
+  bytes as an all_to_all of the buffers there and back, and needs no second routing pass.
+- Pipeline parallelism (GPipe): layers are cut into `stage` stages of equal depth. The local batch
+  is cut into `baselines.microbatches` micro-batches that enter stage 0 one per tick; activations
+  move to the next stage with a ppermute over 'stage'. All forward micro-batches run first, then
+  the backward pass (jax.grad through the unrolled schedule) runs them in reverse. Ticks where a
+  stage has no micro-batch (the bubble) compute on zeros and are masked out.
+- Embedding and lm_head are vocabulary-parallel over the stage x tensor devices of a data replica
+  (rows / columns padded to a multiple of their count): lookups are psum'd, the cross-entropy
+  uses a psum'd log-sum-exp. This keeps their memory divided like the layers' rather than holding
+  the 50k-row tables whole on the first and last stage.
+
+Parameter layout (the canonical tree, leaves changed): stage s holds layers s*Ls .. s*Ls+Ls-1.
+Leaf `layers[j]` for j < Ls is the stack over stages of layers j, Ls + j, ... ([stage, ...],
+sharded over 'stage'); the leaves of layers[j] for j >= Ls are empty placeholders (shape (0,)),
+so the tree keeps the canonical keys. `to_canonical` / `from_canonical` undo / apply this.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from maxjax import model
+from maxjax.config import Config
+from maxjax.model import Params, decode, ops
+from maxjax.model.transformer import compute_dtype, group_capacity
+from maxjax.parallel.mesh import require_devices
+from maxjax.parallel.runner import Runner, Tree, map_with_path
+
+DATA, STAGE, TENSOR = "data", "stage", "tensor"
+VOCAB = (STAGE, TENSOR)
+BASELINES = ("tp", "pp", "tp_pp")
+
+LAYER_SPECS: dict[tuple[str, ...], P] = {
+    ("attention_norm", "scale"): P(STAGE, None),
+    ("attention", "query", "kernel"): P(STAGE, None, TENSOR),
+    ("attention", "key", "kernel"): P(STAGE, None, TENSOR),
+    ("attention", "value", "kernel"): P(STAGE, None, TENSOR),
+    ("attention", "out", "kernel"): P(STAGE, TENSOR, None),
+    ("moe_norm", "scale"): P(STAGE, None),
+    ("moe", "router", "kernel"): P(STAGE, None, None),
+    ("moe", "experts", "wi"): P(STAGE, TENSOR, None, None),
+    ("moe", "experts", "wo"): P(STAGE, TENSOR, None, None),
+}
+CACHE_SPEC = P(STAGE, DATA, None, TENSOR, None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Degrees:
+    """Parallel degrees: data x stage x tensor = number of devices."""
+
+    data: int
+    stage: int
+    tensor: int
+
+
+def degrees_of(cfg: Config, strategy: str) -> Degrees:
+    """TP, PP and the data-parallel degree that fills the rest of `hardware.total_gpus`."""
+    if strategy not in BASELINES:
+        raise ValueError(f"unknown baseline {strategy!r}; choose one of {', '.join(BASELINES)}")
+    tp = cfg.baselines.tensor_parallel if "tp" in strategy.split("_") else 1
+    pp = cfg.baselines.pipeline_parallel if "pp" in strategy.split("_") else 1
+    total = cfg.hardware.total_gpus
+    checks = [
+        (total % (tp * pp) == 0, f"{tp * pp} (tp x pp) must divide {total} devices"),
+        (cfg.model.attention_heads % tp == 0, f"tp={tp} must divide the heads"),
+        (cfg.moe.experts_per_layer % tp == 0, f"tp={tp} must divide the experts"),
+        (cfg.model.layers % pp == 0, f"pp={pp} must divide the layers"),
+    ]
+    for ok, rule in checks:
+        if not ok:
+            raise ValueError(f"strategy {strategy!r}: {rule}")
+    return Degrees(total // (tp * pp), pp, tp)
+
+
+def baseline_mesh(cfg: Config, degrees: Degrees) -> Mesh:
+    """The first `total_gpus` devices as a (data, stage, tensor) mesh; tensor groups adjacent."""
+    devices = np.array(require_devices(cfg.hardware.total_gpus), dtype=object)
+    return Mesh(devices.reshape(degrees.data, degrees.stage, degrees.tensor), (DATA, STAGE, TENSOR))
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What the per-device program needs to know (static)."""
+
+    cfg: Config
+    degrees: Degrees
+    microbatches: int
+    vocab: int
+    padded_vocab: int
+
+    @property
+    def layers_per_stage(self) -> int:
+        return self.cfg.model.layers // self.degrees.stage
+
+
+# --- per-device pieces (run inside shard_map) ------------------------------------------------
+
+
+def vocab_shard() -> jax.Array:
+    """Index of this device's vocabulary shard among the stage x tensor devices."""
+    return lax.axis_index(STAGE) * lax.axis_size(TENSOR) + lax.axis_index(TENSOR)
+
+
+def embed_lookup(table: jax.Array, tokens: jax.Array) -> jax.Array:
+    """Embeddings [B, S, M] of tokens from this device's rows of the table, psum'd over VOCAB."""
+    rows = table.shape[0]
+    local = tokens - vocab_shard() * rows
+    inside = (local >= 0) & (local < rows)
+    x = jnp.where(inside[..., None], table[jnp.clip(local, 0, rows - 1)], 0.0)
+    return lax.psum(x.astype(jnp.float32), VOCAB)
+
+
+def lm_head_logits(plan: Plan, params: Params, x: jax.Array) -> jax.Array:
+    """This device's vocabulary columns of the logits [B, S, V/shards] (float32)."""
+    dtype = compute_dtype(plan.cfg)
+    x = ops.rms_norm(x, params["final_norm"]["scale"])
+    kernel = params["lm_head"]["kernel"].astype(dtype)
+    return jnp.einsum("bsm,mv->bsv", x.astype(dtype), kernel).astype(jnp.float32)
+
+
+def vocab_parallel_cross_entropy_sum(
+    plan: Plan, logits: jax.Array, targets: jax.Array
+) -> jax.Array:
+    """Sum over this device's tokens of the cross-entropy, logits split over VOCAB devices."""
+    width = logits.shape[-1]
+    first = vocab_shard() * width
+    column = first + jnp.arange(width)
+    logits = jnp.where(column < plan.vocab, logits, jnp.finfo(jnp.float32).min)
+    peak = lax.pmax(lax.stop_gradient(jnp.max(logits, axis=-1)), VOCAB)
+    sum_exp = lax.psum(jnp.sum(jnp.exp(logits - peak[..., None]), axis=-1), VOCAB)
+    local = targets - first
+    inside = (local >= 0) & (local < width)
+    picked = jnp.take_along_axis(logits, jnp.clip(local, 0, width - 1)[..., None], axis=-1)[..., 0]
+    picked = lax.psum(jnp.where(inside, picked, 0.0), VOCAB)
+    return jnp.sum(peak + jnp.log(sum_exp) - picked)
+
+
+def expert_parallel_moe(
+    plan: Plan,
+    moe: Params,
+    x: jax.Array,
+    dropout_key: jax.Array | None,
+    sequence_ids: jax.Array,
+) -> tuple[jax.Array, ops.Routing]:
+    """MoE block on x[B, S, M] with this device's E/tp experts; combine psum'd over 'tensor'."""
+    cfg = plan.cfg
+    capacity = group_capacity(cfg, x.shape[1])
+    r = ops.route(x, moe["router"]["kernel"], cfg.moe.top_k, capacity)
+    buffers = ops.dispatch(x, r, capacity)  # [E, B, C, M]
+    local_experts = moe["experts"]["wi"].shape[0]
+    first = lax.axis_index(TENSOR) * local_experts
+    out = ops.expert_ffn(
+        lax.dynamic_slice_in_dim(buffers, first, local_experts, axis=0),
+        moe["experts"]["wi"],
+        moe["experts"]["wo"],
+        compute_dtype(cfg),
+        dropout_key,
+        cfg.moe.expert_dropout,
+        expert_ids=first + jnp.arange(local_experts),
+        sequence_ids=sequence_ids,
+    )
+    placed = lax.dynamic_update_slice_in_dim(jnp.zeros_like(buffers), out, first, axis=0)
+    return lax.psum(ops.combine(placed, r), TENSOR), r
+
+
+def decoder_layer(
+    plan: Plan,
+    layer: Params,
+    x: jax.Array,
+    start: jax.Array | int,
+    cache: decode.KVCache | None,
+    dropout_key: jax.Array | None,
+    sequence_ids: jax.Array,
+) -> tuple[jax.Array, ops.Routing, decode.KVCache | None]:
+    """One layer on x[B, S, M] at positions start..: this device's heads and experts."""
+    dtype = compute_dtype(plan.cfg)
+    head_dim = plan.cfg.model.head_dim
+    normed = ops.rms_norm(x, layer["attention_norm"]["scale"])
+    weights = decode.attention_weights(layer)
+    if cache is None:
+        positions = start + jnp.arange(x.shape[1], dtype=jnp.int32)
+        partial = ops.self_attention(normed, weights, head_dim, positions, dtype)
+    else:
+        partial, cache = decode.attention_with_cache(normed, weights, head_dim, cache, start, dtype)
+    h = x + lax.psum(partial, TENSOR)
+    y, r = expert_parallel_moe(
+        plan, layer["moe"], ops.rms_norm(h, layer["moe_norm"]["scale"]), dropout_key, sequence_ids
+    )
+    return h + y, r, cache
+
+
+StageFn = Callable[[jax.Array, Any, jax.Array, jax.Array], tuple[jax.Array, Any]]
+
+
+def gpipe(plan: Plan, stage_fn: StageFn, inputs: jax.Array, carry: Any) -> tuple[jax.Array, Any]:
+    """GPipe forward schedule of micro-batches inputs[m] through the stages.
+
+    At tick t, stage s runs micro-batch m = t - s (stage 0 reads inputs[t], the others what the
+    previous stage sent at tick t-1). `stage_fn(x, carry, m, valid) -> (y, carry)`; `valid` is
+    False in the bubble. Returns the last stage's outputs [m, ...], on every stage, and the carry.
+    """
+    stages = plan.degrees.stage
+    count = inputs.shape[0]
+    stage = lax.axis_index(STAGE)
+    received = jnp.zeros_like(inputs[0])
+    outputs = []
+    for tick in range(count + stages - 1):
+        micro = tick - stage
+        valid = (micro >= 0) & (micro < count)
+        x = jnp.where(stage == 0, inputs[min(tick, count - 1)], received)
+        y, carry = stage_fn(x, carry, jnp.clip(micro, 0, count - 1), valid)
+        if tick >= stages - 1:
+            outputs.append(y)
+        if stages > 1:
+            received = lax.ppermute(y, STAGE, [(i, i + 1) for i in range(stages - 1)])
+    final = jnp.stack(outputs)
+    if stages > 1:
+        final = lax.psum(jnp.where(stage == stages - 1, final, 0.0), STAGE)
+    return final, carry
+
+
+def local_layers(plan: Plan, params: Params) -> list[Params]:
+    """This stage's layers, leading stage axis (size 1 locally) removed."""
+    keys = sorted(params["layers"], key=int)[: plan.layers_per_stage]
+    return [jax.tree.map(lambda x: x[0], params["layers"][k]) for k in keys]
+
+
+def layer_key(plan: Plan, rng: jax.Array | None, index: int) -> jax.Array | None:
+    """Dropout key of this stage's index-th layer: fold_in(rng, global layer number)."""
+    if rng is None:
+        return None
+    return jax.random.fold_in(rng, lax.axis_index(STAGE) * plan.layers_per_stage + index)
+
+
+def hidden_states(
+    plan: Plan, params: Params, tokens: jax.Array, rng: jax.Array | None
+) -> tuple[jax.Array, ops.RoutingAux]:
+    """Final hidden states [B, S, M] of the local batch and the routing aux summed over sequences
+    and this stage's layers (summing over micro-batches; the bubble masked)."""
+    batch, seq = tokens.shape
+    count = plan.microbatches
+    size = batch // count
+    x = embed_lookup(params["embed"]["embedding"], tokens)
+    layers = local_layers(plan, params)
+    first_sequence = lax.axis_index(DATA) * batch
+
+    def stage_fn(x, aux_sum, micro, valid):
+        sequence_ids = first_sequence + micro * size + jnp.arange(size)
+        for i, layer in enumerate(layers):
+            x, r, _ = decoder_layer(plan, layer, x, 0, None, layer_key(plan, rng, i), sequence_ids)
+            aux = jax.tree.map(lambda a: jnp.where(valid, a * size, 0.0), ops.routing_aux(r))
+            aux_sum = jax.tree.map(jnp.add, aux_sum, aux)
+        return x, aux_sum
+
+    num_experts = plan.cfg.moe.experts_per_layer
+    zero = ops.RoutingAux(0.0, 0.0, jnp.zeros((num_experts,), jnp.float32), 0.0)
+    zero = jax.tree.map(jnp.float32, zero)
+    hidden, aux_sum = gpipe(plan, stage_fn, x.reshape(count, size, seq, -1), zero)
+    return hidden.reshape(batch, seq, -1), aux_sum
+
+
+def forward_body(plan: Plan, params: Params, tokens: jax.Array) -> jax.Array:
+    hidden, _ = hidden_states(plan, params, tokens, None)
+    return lm_head_logits(plan, params, hidden)
+
+
+def loss_body(
+    plan: Plan, params: Params, tokens: jax.Array, rng: jax.Array | None
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Loss and metrics of `model.loss_terms`, reduced over every device."""
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    hidden, aux_sum = hidden_states(plan, params, inputs, rng)
+    logits = lm_head_logits(plan, params, hidden)
+    global_tokens = targets.size * plan.degrees.data
+    lm = lax.psum(vocab_parallel_cross_entropy_sum(plan, logits, targets), DATA) / global_tokens
+    sequences = inputs.shape[0] * plan.degrees.data
+    aux = jax.tree.map(
+        lambda a: lax.psum(a, (DATA, STAGE)) / (sequences * plan.cfg.model.layers), aux_sum
+    )
+    loss = ops.total_loss(lm, aux, plan.cfg.moe.load_balancing_loss, plan.cfg.moe.router_z_loss)
+    metrics = {
+        "loss": loss,
+        "lm_loss": lm,
+        "load_balancing_loss": aux.load_balancing_loss,
+        "z_loss": aux.router_z_loss,
+        "expert_fraction": aux.expert_fraction,
+        "dropped_fraction": aux.dropped_fraction,
+    }
+    return loss, metrics
+
+
+def decode_body(
+    plan: Plan,
+    params: Params,
+    tokens: jax.Array,
+    caches: list[decode.KVCache],
+    start: jax.Array,
+) -> tuple[jax.Array, list[decode.KVCache]]:
+    """Last-position logits [B, V/shards] of tokens[B, S] at positions start.., caches updated
+    (one micro-batch through the stages; a stage keeps its cache unchanged in the bubble)."""
+    batch = tokens.shape[0]
+    x = embed_lookup(params["embed"]["embedding"], tokens)
+    layers = local_layers(plan, params)
+    caches = [jax.tree.map(lambda c: c[0], cache) for cache in caches]
+    sequence_ids = jnp.arange(batch)
+
+    def stage_fn(x, caches, micro, valid):
+        updated = []
+        for layer, cache in zip(layers, caches, strict=True):
+            x, _, new = decoder_layer(plan, layer, x, start, cache, None, sequence_ids)
+            updated.append(jax.tree.map(lambda n, o: jnp.where(valid, n, o), new, cache))
+        return x, updated
+
+    hidden, caches = gpipe(plan, stage_fn, x[None], caches)
+    logits = lm_head_logits(plan, params, hidden[0][:, -1:])[:, 0]
+    return logits, [jax.tree.map(lambda c: c[None], cache) for cache in caches]
+
+
+# --- the runner --------------------------------------------------------------------------------
+
+
+class BaselineRunner(Runner):
+    """TP, PP or TP+PP (each x DP) on the full mesh; see the module docstring for the layout."""
+
+    def __init__(self, cfg: Config, strategy: str):
+        super().__init__(cfg)
+        self.name = strategy
+        self.degrees = degrees_of(cfg, strategy)
+        self.mesh = baseline_mesh(cfg, self.degrees)
+        shards = self.degrees.stage * self.degrees.tensor
+        vocab = cfg.training.vocab_size
+        self.plan = Plan(
+            cfg, self.degrees, cfg.baselines.microbatches, vocab, -(-vocab // shards) * shards
+        )
+        self.specs = self._param_specs()
+        self.shardings = jax.tree.map(self._named, self.specs)
+        self._from_canonical = jax.jit(self._to_layout, out_shardings=self.shardings)
+        self._to_canonical_fn = jax.jit(self._to_canonical)
+        self._forward = jax.jit(self._forward_fn)
+        self._value_and_grad = jax.jit(jax.value_and_grad(self._loss_fn, has_aux=True))
+        self._decode_plan = dataclasses.replace(
+            self.plan, cfg=decode.inference_config(cfg), microbatches=1
+        )
+        self._decode_step = jax.jit(self._decode_fn, donate_argnums=(2,))
+
+    # --- layout ---
+
+    def _named(self, spec: P) -> NamedSharding:
+        return NamedSharding(self.mesh, spec)
+
+    def _param_specs(self) -> Tree:
+        stage_layers = self.plan.layers_per_stage
+
+        def spec(path: tuple[str, ...], _leaf: Any) -> P:
+            if path[0] == "embed":
+                return P(VOCAB, None)
+            if path[0] == "lm_head":
+                return P(None, VOCAB)
+            if path[0] == "layers":
+                return LAYER_SPECS[path[2:]] if int(path[1]) < stage_layers else P()
+            return P()
+
+        return map_with_path(spec, model.abstract_params(self.cfg))
+
+    def _to_layout(self, tree: Tree) -> Tree:
+        """Canonical tree -> stage-stacked layers, vocabulary padded (traceable)."""
+        layers = tree["layers"]
+        keys = sorted(layers, key=int)
+        per_stage = self.plan.layers_per_stage
+        out_layers = {}
+        for j, key in enumerate(keys):
+            if j < per_stage:
+                group = [layers[keys[s * per_stage + j]] for s in range(self.degrees.stage)]
+                out_layers[key] = jax.tree.map(lambda *xs: jnp.stack(xs), *group)
+            else:
+                out_layers[key] = jax.tree.map(lambda x: jnp.zeros((0,), x.dtype), layers[key])
+        pad = self.plan.padded_vocab - self.plan.vocab
+        return {
+            **tree,
+            "embed": {"embedding": jnp.pad(tree["embed"]["embedding"], ((0, pad), (0, 0)))},
+            "layers": out_layers,
+            "lm_head": {"kernel": jnp.pad(tree["lm_head"]["kernel"], ((0, 0), (0, pad)))},
+        }
+
+    def _to_canonical(self, tree: Tree) -> Tree:
+        layers = tree["layers"]
+        keys = sorted(layers, key=int)
+        per_stage = self.plan.layers_per_stage
+        out_layers = {}
+        for i, key in enumerate(keys):
+            stacked = layers[keys[i % per_stage]]
+            out_layers[key] = jax.tree.map(lambda x, s=i // per_stage: x[s], stacked)
+        vocab = self.plan.vocab
+        return {
+            **tree,
+            "embed": {"embedding": tree["embed"]["embedding"][:vocab]},
+            "layers": out_layers,
+            "lm_head": {"kernel": tree["lm_head"]["kernel"][:, :vocab]},
+        }
+
+    # --- programs ---
+
+    def _shard_map(self, fn: Callable, in_specs: tuple, out_specs: Any) -> Callable:
+        return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs)
+
+    def _forward_fn(self, params: Params, tokens: jax.Array) -> jax.Array:
+        body = functools.partial(forward_body, self.plan)
+        logits = self._shard_map(body, (self.specs, P(DATA, None)), P(DATA, None, VOCAB))(
+            params, tokens
+        )
+        return logits[..., : self.plan.vocab]
+
+    def _loss_fn(self, params: Params, tokens: jax.Array, rng: jax.Array | None):
+        body = functools.partial(loss_body, self.plan)
+        if rng is None:
+            return self._shard_map(lambda p, t: body(p, t, None), (self.specs, P(DATA, None)), P())(
+                params, tokens
+            )
+        return self._shard_map(body, (self.specs, P(DATA, None), P()), P())(params, tokens, rng)
+
+    def _decode_fn(self, params, tokens, caches, start):
+        body = functools.partial(decode_body, self._decode_plan)
+        cache_specs = [decode.KVCache(CACHE_SPEC, CACHE_SPEC) for _ in caches]
+        logits, caches = self._shard_map(
+            body,
+            (self.specs, P(DATA, None), cache_specs, P()),
+            (P(DATA, VOCAB), cache_specs),
+        )(params, tokens, caches, start)
+        return logits[:, : self.plan.vocab], caches
+
+    def _check_batch(self, batch: int) -> None:
+        if batch % (self.degrees.data * self.plan.microbatches):
+            raise ValueError(
+                f"strategy {self.name!r}: batch {batch} must be a multiple of data parallelism "
+                f"{self.degrees.data} x micro-batches {self.plan.microbatches}"
+            )
+
+    # --- Runner interface ---
+
+    def init(self, seed: int) -> Params:
+        return jax.jit(
+            lambda: self._to_layout(model.init_params(self.cfg, seed)),
+            out_shardings=self.shardings,
+        )()
+
+    def forward(self, params: Params, tokens: jax.Array) -> jax.Array:
+        self._check_batch(tokens.shape[0])
+        return self._forward(params, tokens)
+
+    def value_and_grad(
+        self, params: Params, tokens: jax.Array, rng: jax.Array | None = None
+    ) -> tuple[dict[str, jax.Array], Params]:
+        self._check_batch(tokens.shape[0])
+        (_, metrics), grads = self._value_and_grad(params, tokens, rng)
+        return metrics, grads
+
+    def to_canonical(self, tree: Tree) -> Tree:
+        return self._to_canonical_fn(tree)
+
+    def from_canonical(self, tree: Tree) -> Tree:
+        return self._from_canonical(tree)
+
+    def init_caches(self, batch: int, max_len: int) -> list[decode.KVCache]:
+        """Zero KV caches of this stage's layers, [stage, B, T, N, D] sharded like attention."""
+        m = self.cfg.model
+        shape = (self.degrees.stage, batch, max_len, m.attention_heads, m.head_dim)
+        sharding = self._named(CACHE_SPEC)
+        zeros = jax.jit(lambda: jnp.zeros(shape, jnp.float32), out_shardings=sharding)
+        return [decode.KVCache(zeros(), zeros()) for _ in range(self.plan.layers_per_stage)]
+
+    def generate(
+        self,
+        params: Params,
+        prompt: jax.Array,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        seed: int = 0,
+    ) -> jax.Array:
+        """KV-cache decoding; a batch that data parallelism does not divide is padded with rows
+        of token 0 (then sampling at temperature > 0 draws other noise than an unpadded batch)."""
+        batch, prompt_len = prompt.shape
+        pad = -batch % self.degrees.data
+        padded = jnp.pad(jnp.asarray(prompt, jnp.int32), ((0, pad), (0, 0)))
+        caches = self.init_caches(batch + pad, prompt_len + max_new_tokens)
+        out = decode.generate_loop(
+            lambda t, c, s: self._decode_step(params, jnp.asarray(t), c, jnp.int32(s)),
+            caches,
+            padded,
+            max_new_tokens,
+            temperature,
+            seed,
+        )
+        return out[:batch]
+
+    def train_program(self, params: Params, tokens: jax.Array) -> jax.stages.Compiled:
+        """The compiled loss-and-gradient program (for `cost_analysis` / `memory_analysis`)."""
+        return self._value_and_grad.lower(params, jnp.asarray(tokens), None).compile()

@@ -1,0 +1,111 @@
+"""The TP, PP and TP+PP baselines compute the single-device model: init, logits, loss, gradients."""
+
+import jax
+import numpy as np
+import pytest
+
+from maxjax.config import with_overrides
+from maxjax.parallel import STRATEGIES, make_runner
+from maxjax.parallel.baselines import BASELINES, degrees_of
+from maxjax.parallel.runner import tree_paths
+
+BATCH, SEQ = 16, 16
+
+
+@pytest.fixture(scope="module")
+def cfg(tiny_cfg):
+    return with_overrides(tiny_cfg, ["baselines.microbatches=2"])
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return jax.random.randint(jax.random.key(0), (BATCH, SEQ + 1), 0, 50257)
+
+
+@pytest.fixture(scope="module")
+def reference(cfg, tokens):
+    """Single-device params, logits, metrics and gradients (with dropout)."""
+    single = make_runner(cfg, "single")
+    params = single.init(0)
+    logits = np.asarray(single.forward(params, tokens[:, :SEQ]))
+    metrics, grads = single.value_and_grad(params, tokens, jax.random.key(7))
+    return {
+        "params": single.gather(params),
+        "logits": logits,
+        "metrics": jax.tree.map(np.asarray, metrics),
+        "grads": single.gather(grads),
+    }
+
+
+@pytest.fixture(scope="module", params=BASELINES)
+def baseline(request, cfg):
+    runner = make_runner(cfg, request.param)
+    return runner, runner.init(0)
+
+
+def relative_error(a, b):
+    return np.linalg.norm(np.asarray(a) - np.asarray(b)) / max(np.linalg.norm(b), 1e-30)
+
+
+def test_strategies_registered():
+    assert set(BASELINES) <= set(STRATEGIES)
+
+
+def test_degrees_fill_the_mesh(cfg):
+    assert [tuple(vars(degrees_of(cfg, s)).values()) for s in BASELINES] == [
+        (2, 1, 8),
+        (8, 2, 1),
+        (1, 2, 8),
+    ]
+    with pytest.raises(ValueError):
+        degrees_of(with_overrides(cfg, ["baselines.tensor_parallel=3"]), "tp")
+
+
+def test_init_equals_reference_and_round_trips(baseline, reference):
+    runner, params = baseline
+    gathered = runner.gather(params)
+    assert jax.tree.structure(gathered) == jax.tree.structure(reference["params"])
+    for (path, a), (_, b) in zip(
+        tree_paths(gathered), tree_paths(reference["params"]), strict=True
+    ):
+        np.testing.assert_array_equal(a, b, err_msg=".".join(path))
+    again = runner.gather(runner.from_canonical(reference["params"]))
+    jax.tree.map(np.testing.assert_array_equal, again, reference["params"])
+
+
+def test_layout_splits_heads_experts_and_stages(baseline, cfg):
+    runner, params = baseline
+    deg = runner.degrees
+    experts = params["layers"][0]["moe"]["experts"]["wi"]
+    shard = experts.addressable_shards[0].data
+    assert shard.shape[:2] == (1, cfg.moe.experts_per_layer // deg.tensor)
+    query = params["layers"][0]["attention"]["query"]["kernel"]
+    heads = query.addressable_shards[0].data.shape[-1] // cfg.model.head_dim
+    assert heads == cfg.model.attention_heads // deg.tensor
+    report = runner.layout_report(params)
+    assert len(report.bytes_per_device) == cfg.hardware.total_gpus
+    assert len(set(report.bytes_per_device.values())) == 1
+
+
+def test_logits_equal_reference(baseline, reference, tokens):
+    runner, params = baseline
+    logits = runner.forward(params, tokens[:, :SEQ])
+    assert logits.shape == reference["logits"].shape
+    assert relative_error(logits, reference["logits"]) <= 1e-5
+
+
+def test_loss_and_gradients_with_dropout_equal_reference(baseline, reference, tokens):
+    runner, params = baseline
+    metrics, grads = runner.value_and_grad(params, tokens, jax.random.key(7))
+    for name, value in reference["metrics"].items():
+        assert relative_error(metrics[name], value) <= 1e-5, name
+    gathered = runner.gather(grads)
+    assert jax.tree.structure(gathered) == jax.tree.structure(reference["grads"])
+    for (path, a), (_, b) in zip(tree_paths(gathered), tree_paths(reference["grads"]), strict=True):
+        assert relative_error(a, b) <= 1e-4, ".".join(path)
+
+
+def test_batch_must_divide(baseline, tokens):
+    runner, params = baseline
+    with pytest.raises(ValueError, match="multiple"):
+        runner.forward(params, tokens[:3, :SEQ])
