@@ -1,9 +1,9 @@
 """KV-cache decoding of every strategy equals the single-device reference and a full forward."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+from _reference import full_forward_greedy
 
 from maxjax import model
 from maxjax.model import decode
@@ -12,19 +12,6 @@ from maxjax.parallel.runner import Runner
 
 PROMPT_BATCH, PROMPT_LEN, NEW_TOKENS = 8, 5, 6
 DECODING = ("single", "tp", "pp", "tp_pp", "ma")
-
-
-def full_forward_greedy(cfg, params, prompt, max_new_tokens):
-    """Argmax of a full forward pass over everything so far, one token at a time (dropless
-    routing keeps the model causal, so the not-yet-generated tail can be padded)."""
-    icfg = decode.inference_config(cfg)
-    forward = jax.jit(lambda p, t: model.apply(icfg, p, t)[0])
-    batch, prompt_len = prompt.shape
-    tokens = jnp.concatenate([prompt, jnp.zeros((batch, max_new_tokens), prompt.dtype)], axis=1)
-    for t in range(prompt_len, prompt_len + max_new_tokens):
-        logits = forward(params, tokens)
-        tokens = tokens.at[:, t].set(jnp.argmax(logits[:, t - 1], -1))
-    return np.asarray(tokens)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from maxjax.model.transformer import (
     group_capacity,
     init_params,
     loss_fn,
+    loss_from_parts,
     loss_terms,
 )
 
@@ -27,5 +28,6 @@ __all__ = [
     "group_capacity",
     "init_params",
     "loss_fn",
+    "loss_from_parts",
     "loss_terms",
 ]

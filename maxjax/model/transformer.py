@@ -214,6 +214,25 @@ def apply(
     return model(tokens, deterministic=dropout_key is None, dropout_key=dropout_key)
 
 
+def loss_from_parts(
+    cfg: Config, lm_loss: jax.Array, aux: ops.RoutingAux
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Total loss and the training metrics from the LM loss and the layer-averaged aux terms.
+
+    Every strategy reports its metrics through this, whatever way it reduced the parts.
+    """
+    loss = ops.total_loss(lm_loss, aux, cfg.moe.load_balancing_loss, cfg.moe.router_z_loss)
+    metrics = {
+        "loss": loss,
+        "lm_loss": lm_loss,
+        "load_balancing_loss": aux.load_balancing_loss,
+        "z_loss": aux.router_z_loss,
+        "expert_fraction": aux.expert_fraction,
+        "dropped_fraction": aux.dropped_fraction,
+    }
+    return loss, metrics
+
+
 def loss_terms(
     cfg: Config,
     logits: jax.Array,
@@ -221,17 +240,7 @@ def loss_terms(
     targets: jax.Array,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Total training loss and its parts from the logits of inputs tokens[:, :-1]."""
-    lm = ops.cross_entropy(logits, targets)
-    loss = ops.total_loss(lm, aux, cfg.moe.load_balancing_loss, cfg.moe.router_z_loss)
-    metrics = {
-        "loss": loss,
-        "lm_loss": lm,
-        "load_balancing_loss": aux.load_balancing_loss,
-        "z_loss": aux.router_z_loss,
-        "expert_fraction": aux.expert_fraction,
-        "dropped_fraction": aux.dropped_fraction,
-    }
-    return loss, metrics
+    return loss_from_parts(cfg, ops.cross_entropy(logits, targets), aux)
 
 
 def loss_fn(

@@ -301,16 +301,7 @@ def loss_body(
     aux = jax.tree.map(
         lambda a: lax.psum(a, (DATA, STAGE)) / (sequences * plan.cfg.model.layers), aux_sum
     )
-    loss = ops.total_loss(lm, aux, plan.cfg.moe.load_balancing_loss, plan.cfg.moe.router_z_loss)
-    metrics = {
-        "loss": loss,
-        "lm_loss": lm,
-        "load_balancing_loss": aux.load_balancing_loss,
-        "z_loss": aux.router_z_loss,
-        "expert_fraction": aux.expert_fraction,
-        "dropped_fraction": aux.dropped_fraction,
-    }
-    return loss, metrics
+    return model.loss_from_parts(plan.cfg, lm, aux)
 
 
 def decode_body(
