@@ -6,6 +6,7 @@ import pytest
 from _reference import full_forward_greedy
 
 from maxjax import model
+from maxjax.config import with_overrides
 from maxjax.model import decode
 from maxjax.parallel import STRATEGIES, make_runner
 from maxjax.parallel.runner import Runner
@@ -36,7 +37,10 @@ def decoder(request, tiny_cfg, canonical):
     name = request.param
     if name not in STRATEGIES:
         pytest.skip(f"strategy {name!r} is not registered")
-    runner = make_runner(tiny_cfg, name)
+    # Float32 buffers between the MA pools: exact parity is the point here (8-bit buffers are a
+    # different, lossy function; tests/test_ma.py bounds their effect).
+    cfg = with_overrides(tiny_cfg, ["ma_separation.synchronization.communication_compression=none"])
+    runner = make_runner(cfg, name)
     if type(runner).generate is Runner.generate:
         pytest.skip(f"strategy {name!r} does not implement generate yet")
     return runner, runner.from_canonical(canonical)
@@ -59,3 +63,26 @@ def test_sampling_is_reproducible_and_equals_reference(decoder, prompt, expected
     b = np.asarray(runner.generate(params, prompt, NEW_TOKENS, temperature=1.0, seed=3))
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(a, expected["sampled"])
+
+
+def test_ma_decodes_in_its_own_layout(decoder, prompt, tiny_cfg):
+    """MA keeps its layout while decoding: experts on the expert pool, caches split by heads."""
+    runner, params = decoder
+    if runner.name != "ma":
+        pytest.skip("MA-specific layout checks")
+    from maxjax.parallel.ma import CACHE_SPEC
+
+    runner.generate(params, prompt, NEW_TOKENS)
+    layers, parts = tiny_cfg.model.layers, runner.microbatches
+    # Counted per call: the prefill and NEW_TOKENS - 1 one-token steps; per micro-batch and layer an attention and
+    # an expert program, and one head program.
+    assert runner.programs_dispatched == NEW_TOKENS * parts * (2 * layers + 1)
+    assert params["layers"][0]["moe"]["experts"]["wi"].sharding.mesh == runner.expert_mesh
+    cache = runner.init_caches(1, 4)[0].key
+    assert cache.sharding.spec == CACHE_SPEC
+    assert cache.addressable_shards[0].data.shape == (
+        1,
+        4,
+        runner.heads.slots_per_device,
+        tiny_cfg.model.head_dim,
+    )

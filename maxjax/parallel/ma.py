@@ -62,15 +62,25 @@ Nothing in the loop blocks the host.
 Backward
 --------
 In training every stage program returns, next to its outputs, its ``jax.vjp`` closure (a pytree
-holding the saved residuals, which stay on the stage's devices). After the forward sweep and the
-head stage, the driver walks the layers in reverse with the same ping-pong order: the expert
-stage's VJP maps the cotangent of its output buffer to the cotangent of its input buffer (sent
-back in float32: the quantisation is straight-through, it sits outside the differentiated
+holding the saved residuals, which stay on the stage's devices). The head stage's cotangent is
+known up front (the loss weight), so it runs forward and backward in one program. After the forward
+sweep and the head stage, the driver walks the layers in reverse with the same ping-pong order: the
+expert stage's VJP maps the cotangent of its output buffer to the cotangent of its input buffer
+(sent back in float32: the quantisation is straight-through, it sits outside the differentiated
 function), and the attention stage's VJP maps the cotangents of (residual, buffer, gates, its
-auxiliary-loss term) to those of its inputs and its parameters. Parameter gradients are summed
-over micro-batches inside the backward programs (the accumulator is donated), so gradients stay
-on their pool; the base class then clips by the global norm over both pools and runs AdamW per
-pool.
+auxiliary-loss term) to those of its inputs and its parameters. Parameter gradients are summed over
+micro-batches inside the backward programs (the accumulator is donated), so gradients stay on their
+pool; the base class then clips by the global norm over both pools and runs AdamW per pool.
+
+Decoding
+--------
+`MARunner.generate` runs the same forward programs with a KV cache per layer and micro-batch,
+laid out like the attention: [B, T, A*n_max, D] split over the ``attention`` axis, so each
+attention device keeps the keys and values of its own head slots ([B, T, n_max, D]; the padded
+slots stay zero and masked). The prefill and every one-token step go through the attention stages
+(routing dropless, `decode.inference_config`), the transport (compressed when configured) and the
+expert stages exactly as in training; the head stage computes only the last position's logits.
+`decode.generate_loop` samples, so a seed gives the single-device runner's tokens.
 
 Losses are averaged as in the reference: each micro-batch's LM loss is its mean over positions
 (equal micro-batches, so the step's loss is the mean of those), and the routing auxiliaries are
@@ -92,7 +102,7 @@ from jax.sharding import PartitionSpec as P
 
 from maxjax import compression, model
 from maxjax.config import Config
-from maxjax.model import ops
+from maxjax.model import decode, ops
 from maxjax.model.transformer import Params, compute_dtype, group_capacity
 from maxjax.parallel.mesh import ATTENTION_AXIS, EXPERT_AXIS, attention_submesh, expert_submesh
 from maxjax.parallel.runner import Path, Runner, Tree, map_with_path, merge, select
@@ -159,6 +169,9 @@ class ExpertOrder(NamedTuple):
         return cls(order, np.argsort(order).astype(np.int32))
 
 
+CACHE_SPEC = P(None, None, ATTENTION_AXIS, None)  # KV cache [B, T, A*n_max, D]: heads split
+
+
 class StageRouting(NamedTuple):
     """The integer part of a layer's routing that the next attention stage needs to combine."""
 
@@ -201,7 +214,9 @@ class MARunner(Runner):
             cfg.ma_separation.synchronization.communication_compression == "8-bit quantization"
         )
         self.dtype = compute_dtype(cfg)
+        self.inference_cfg = decode.inference_config(cfg)
         self._reset_counters()
+        self._sequence_id_cache: dict[tuple[int, int], jax.Array] = {}
         self._head_mask = jax.device_put(
             self.heads.head_mask(), NamedSharding(self.attention_mesh, P(ATTENTION_AXIS))
         )
@@ -370,24 +385,37 @@ class MARunner(Runner):
         return h + ops.combine(expert_out, routing)
 
     def _layer_body(
-        self, layer: Tree, x: jax.Array, head_mask: jax.Array
-    ) -> tuple[tuple[jax.Array, ...], tuple[StageRouting, ops.RoutingAux]]:
-        """Attention of this device's heads (psum over the pool), then route and dispatch."""
+        self,
+        layer: Tree,
+        x: jax.Array,
+        head_mask: jax.Array,
+        cache: decode.KVCache | None = None,
+        start: jax.Array | None = None,
+    ) -> tuple[tuple[jax.Array, ...], tuple[StageRouting, ops.RoutingAux, decode.KVCache | None]]:
+        """Attention of this device's heads (psum over the pool), then route and dispatch.
+
+        Training / forward: x holds whole sequences, no cache. Decoding: x holds positions
+        start.. and `cache` this device's keys and values [b, T, n_max, D] of the earlier ones
+        (updated and returned); routing is then dropless (`decode.inference_config`) so a token's
+        expert output does not depend on which tokens share its step.
+        """
         seq = x.shape[1]
         att = layer["attention"]
         weights = ops.AttentionWeights(*(att[name]["kernel"] for name in (*QKV, "out")))
-        positions = jnp.arange(seq, dtype=jnp.int32)
-        partial = ops.self_attention(
-            ops.rms_norm(x, layer["attention_norm"]["scale"]),
-            weights,
-            self.heads.head_dim,
-            positions,
-            self.dtype,
-            head_mask,
-        )
+        normed = ops.rms_norm(x, layer["attention_norm"]["scale"])
+        if cache is None:
+            positions = jnp.arange(seq, dtype=jnp.int32)
+            partial = ops.self_attention(
+                normed, weights, self.heads.head_dim, positions, self.dtype, head_mask
+            )
+            capacity = group_capacity(self.cfg, seq)
+        else:
+            partial, cache = decode.attention_with_cache(
+                normed, weights, self.heads.head_dim, cache, start, self.dtype, head_mask
+            )
+            capacity = group_capacity(self.inference_cfg, seq)
         h = x + jax.lax.psum(partial, ATTENTION_AXIS)
         z = ops.rms_norm(h, layer["moe_norm"]["scale"])
-        capacity = group_capacity(self.cfg, seq)
         r = ops.route(z, layer["moe"]["router"]["kernel"], self.cfg.moe.top_k, capacity)
         aux = ops.routing_aux(r)
         device_order = r._replace(
@@ -399,7 +427,7 @@ class MARunner(Runner):
             + self.cfg.moe.router_z_loss * aux.router_z_loss
         )
         routing = StageRouting(device_order.expert_index, r.position, r.keep)
-        return (h, buffer, r.gates, objective), (routing, aux)
+        return (h, buffer, r.gates, objective), (routing, aux, cache)
 
     def _head_logits_body(self, head: Tree, x: jax.Array) -> jax.Array:
         z = ops.rms_norm(x, head["final_norm"]["scale"])
@@ -413,11 +441,12 @@ class MARunner(Runner):
         columns = self._vocab_columns(logits.shape[-1])
         logits = jnp.where(columns < self.vocab_size, logits, jnp.finfo(jnp.float32).min)
         row_max = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(logits, axis=-1)), ATTENTION_AXIS)
-        sum_exp = jax.lax.psum(
-            jnp.sum(jnp.exp(logits - row_max[..., None]), axis=-1), ATTENTION_AXIS
-        )
-        picked = jax.lax.psum(
-            jnp.sum(jnp.where(columns == targets[..., None], logits, 0.0), axis=-1),
+        # One all-reduce for both sums: a collective costs more than the few floats it moves.
+        sum_exp, picked = jax.lax.psum(
+            (
+                jnp.sum(jnp.exp(logits - row_max[..., None]), axis=-1),
+                jnp.sum(jnp.where(columns == targets[..., None], logits, 0.0), axis=-1),
+            ),
             ATTENTION_AXIS,
         )
         return jnp.mean(jnp.log(sum_exp) + row_max - picked)
@@ -429,22 +458,40 @@ class MARunner(Runner):
             body, mesh=self.attention_mesh, in_specs=in_specs, out_specs=out_specs, check_vma=True
         )
 
-    def first_stage(
-        self, embed: Tree, layer: Tree, tokens: jax.Array, head_mask: jax.Array
-    ) -> tuple:
-        """Layer 0 on the attention pool: embedding lookup, attention, route, dispatch."""
+    @staticmethod
+    def _stage_out_specs(cache: decode.KVCache | None) -> Any:
+        """Everything a layer stage returns is replicated, except a KV cache (split by heads)."""
+        return P() if cache is None else (P(), (P(), P(), CACHE_SPEC))
 
-        def body(embed, layer, tokens, head_mask):
+    def first_stage(
+        self,
+        embed: Tree,
+        layer: Tree,
+        tokens: jax.Array,
+        head_mask: jax.Array,
+        cache: decode.KVCache | None = None,
+        start: jax.Array | None = None,
+    ) -> tuple:
+        """Layer 0 on the attention pool: embedding lookup, attention, route, dispatch.
+
+        With `cache` [b, T, A*n_max, D] (split by heads) and `start`, tokens sit at positions
+        start.. (decoding; see `_layer_body`)."""
+
+        def body(embed, layer, tokens, head_mask, cache, start):
             x = self._embed_body(embed["embedding"], tokens)
-            return self._layer_body(layer, x, head_mask)
+            return self._layer_body(layer, x, head_mask, cache, start)
 
         specs = (
             self._specs({"embed": embed})["embed"],
             self._layer_specs(layer),
             P(),
             P(ATTENTION_AXIS),
+            CACHE_SPEC,
+            P(),
         )
-        return self._attention_map(body, specs, P())(embed, layer, tokens, head_mask)
+        return self._attention_map(body, specs, self._stage_out_specs(cache))(
+            embed, layer, tokens, head_mask, cache, start
+        )
 
     def middle_stage(
         self,
@@ -454,16 +501,19 @@ class MARunner(Runner):
         gates: jax.Array,
         routing: StageRouting,
         head_mask: jax.Array,
+        cache: decode.KVCache | None = None,
+        start: jax.Array | None = None,
     ) -> tuple:
-        """Layer l > 0 on the attention pool: combine layer l-1, attention, route, dispatch."""
+        """Layer l > 0 on the attention pool: combine layer l-1, attention, route, dispatch
+        (with `cache` and `start`: decoding, as in `first_stage`)."""
 
-        def body(layer, h, expert_out, gates, routing, head_mask):
+        def body(layer, h, expert_out, gates, routing, head_mask, cache, start):
             x = self._combine_body(h, expert_out, gates, routing)
-            return self._layer_body(layer, x, head_mask)
+            return self._layer_body(layer, x, head_mask, cache, start)
 
-        specs = (self._layer_specs(layer), P(), P(), P(), P(), P(ATTENTION_AXIS))
-        return self._attention_map(body, specs, P())(
-            layer, h, expert_out, gates, routing, head_mask
+        specs = (self._layer_specs(layer), P(), P(), P(), P(), P(ATTENTION_AXIS), CACHE_SPEC, P())
+        return self._attention_map(body, specs, self._stage_out_specs(cache))(
+            layer, h, expert_out, gates, routing, head_mask, cache, start
         )
 
     def head_loss(
@@ -538,18 +588,22 @@ class MARunner(Runner):
     # --- jitted programs -------------------------------------------------------------------------
 
     def _build_programs(self) -> None:
-        """Forward programs (inference), forward-with-VJP programs and backward programs."""
+        """Forward programs (inference and decoding), forward-with-VJP programs and backward
+        programs. `first` / `middle` take an optional KV cache and start position (decoding):
+        one jitted program each, traced once per call shape."""
         enc, dec = self._encode, self._decode
 
-        def first(embed, layer, tokens, head_mask):
-            (h, buf, gates, _), (routing, aux) = self.first_stage(embed, layer, tokens, head_mask)
-            return h, enc(buf), gates, routing, aux
-
-        def middle(layer, h, wire, gates, routing, head_mask):
-            (h, buf, gates, _), (routing, aux) = self.middle_stage(
-                layer, h, dec(wire), gates, routing, head_mask
+        def first(embed, layer, tokens, head_mask, cache=None, start=None):
+            (h, buf, gates, _), (routing, aux, cache) = self.first_stage(
+                embed, layer, tokens, head_mask, cache, start
             )
-            return h, enc(buf), gates, routing, aux
+            return h, enc(buf), gates, routing, aux, cache
+
+        def middle(layer, h, wire, gates, routing, head_mask, cache=None, start=None):
+            (h, buf, gates, _), (routing, aux, cache) = self.middle_stage(
+                layer, h, dec(wire), gates, routing, head_mask, cache, start
+            )
+            return h, enc(buf), gates, routing, aux, cache
 
         def experts(params, wire, expert_ids, sequence_ids, rng, layer):
             key = None if rng is None else jax.random.fold_in(rng, layer)
@@ -558,14 +612,20 @@ class MARunner(Runner):
         def logits(head, h, wire, gates, routing):
             return self.head_logits(head, h, dec(wire), gates, routing)
 
+        def last_logits(head, h, wire, gates, routing):
+            """Logits [b, V] of the last position only (decoding)."""
+            last = lambda x: x[:, -1:]
+            routing = jax.tree.map(last, routing)
+            return self.head_logits(head, last(h), dec(wire), last(gates), routing)[:, 0]
+
         def first_vjp(embed, layer, tokens, head_mask):
             fn = lambda e, lp: self.first_stage(e, lp, tokens, head_mask)
-            (h, buf, gates, _), vjp, (routing, aux) = jax.vjp(fn, embed, layer, has_aux=True)
+            (h, buf, gates, _), vjp, (routing, aux, _) = jax.vjp(fn, embed, layer, has_aux=True)
             return (h, enc(buf), gates, routing, aux), vjp
 
         def middle_vjp(layer, h, wire, gates, routing, head_mask):
             fn = lambda lp, h, out, g: self.middle_stage(lp, h, out, g, routing, head_mask)
-            (h, buf, gates, _), vjp, (routing, aux) = jax.vjp(
+            (h, buf, gates, _), vjp, (routing, aux, _) = jax.vjp(
                 fn, layer, h, dec(wire), gates, has_aux=True
             )
             return (h, enc(buf), gates, routing, aux), vjp
@@ -576,12 +636,17 @@ class MARunner(Runner):
             out, vjp = jax.vjp(fn, params, dec(wire))
             return enc(out), vjp
 
-        def head_vjp(head, h, wire, gates, routing, targets):
+        loss_weight = 1.0 / self.microbatches
+
+        def head_step(head, h, wire, gates, routing, targets, acc):
+            """Head forward and backward in one program (its cotangent is known: the loss
+            weight): LM loss, head grads summed into `acc`, cotangents of (h, out, gates)."""
             fn = lambda hp, h, out, g: self.head_loss(hp, h, out, g, routing, targets)
-            return jax.vjp(fn, head, h, dec(wire), gates)
+            loss, vjp = jax.vjp(fn, head, h, dec(wire), gates)
+            grads = vjp(jnp.float32(loss_weight))
+            return loss, _accumulate(acc, grads[0]), grads[1:]
 
         aux_weight = 1.0 / (self.microbatches * self.num_layers)
-        loss_weight = 1.0 / self.microbatches
 
         def layer_backward(vjp, d_h, d_buf, d_gates, acc):
             grads = vjp((d_h, d_buf, d_gates, jnp.float32(aux_weight)))
@@ -594,22 +659,18 @@ class MARunner(Runner):
             d_params, d_buf = vjp(d_out)
             return _accumulate(acc, d_params), d_buf
 
-        def head_backward(vjp, acc):
-            grads = vjp(jnp.float32(loss_weight))
-            return _accumulate(acc, grads[0]), grads[1:]
-
         self._first = jax.jit(first)
         self._middle = jax.jit(middle)
         self._experts = jax.jit(experts)
         self._logits = jax.jit(logits)
+        self._last_logits = jax.jit(last_logits)
         self._first_vjp = jax.jit(first_vjp)
         self._middle_vjp = jax.jit(middle_vjp)
         self._experts_vjp = jax.jit(experts_vjp)
-        self._head_vjp = jax.jit(head_vjp)
+        self._head_step = jax.jit(head_step, donate_argnums=(6,))
         self._layer_backward = jax.jit(layer_backward, donate_argnums=(4,))
         self._first_backward = jax.jit(first_backward, donate_argnums=(4,))
         self._experts_backward = jax.jit(experts_backward, donate_argnums=(2,))
-        self._head_backward = jax.jit(head_backward, donate_argnums=(1,))
         self._summarize = jax.jit(functools.partial(_summarize, self.cfg))
 
     def _run(self, program: Callable, *args: Any) -> Any:
@@ -640,15 +701,17 @@ class MARunner(Runner):
 
     # --- driving a step ---------------------------------------------------------------------------
 
-    def _split_batch(self, tokens: Any) -> list[np.ndarray]:
+    def _split_batch(self, tokens: Any, parts: int | None = None) -> list[np.ndarray]:
+        """Host copies of the `parts` (default: ma_separation.microbatches) micro-batches."""
+        parts = parts or self.microbatches
         tokens = np.asarray(jax.device_get(tokens))
         batch = tokens.shape[0]
-        if batch % self.microbatches:
+        if batch % parts:
             raise ValueError(
                 f"batch of {batch} sequences does not split into "
-                f"ma_separation.microbatches = {self.microbatches} equal micro-batches"
+                f"ma_separation.microbatches = {parts} equal micro-batches"
             )
-        return np.split(tokens, self.microbatches)
+        return np.split(tokens, parts)
 
     def _on_attention(self, x: Any) -> jax.Array:
         return jax.device_put(x, NamedSharding(self.attention_mesh, P()))
@@ -657,17 +720,33 @@ class MARunner(Runner):
         return jax.device_put(x, NamedSharding(self.expert_mesh, P()))
 
     def _sequence_ids(self, index: int, size: int) -> jax.Array:
-        return self._on_experts(np.arange(index * size, (index + 1) * size, dtype=np.int32))
+        """Global sequence ids of micro-batch `index` on the expert pool (cached: no transfer
+        per stage)."""
+        key = (index, size)
+        if key not in self._sequence_id_cache:
+            ids = np.arange(index * size, (index + 1) * size, dtype=np.int32)
+            self._sequence_id_cache[key] = self._on_experts(ids)
+        return self._sequence_id_cache[key]
 
-    def forward(self, params: Params, tokens: jax.Array) -> jax.Array:
-        self._reset_counters()
-        micro = self._split_batch(tokens)
+    def _forward_sweep(
+        self,
+        params: Params,
+        micro: list[np.ndarray],
+        caches: list[list[decode.KVCache]] | None = None,
+        start: jax.Array | None = None,
+    ) -> tuple[list[tuple], list[list[decode.KVCache]] | None]:
+        """All layers over the micro-batches in ping-pong order, no gradients.
+
+        Returns each micro-batch's head-stage input (h, expert output, gates, routing) and, when
+        decoding, the updated caches (caches[i][layer] of micro-batch i)."""
         size = micro[0].shape[0]
-        states = [None] * len(micro)
+        states: list[Any] = [None] * len(micro)
+        new_caches = None if caches is None else [[] for _ in micro]
         layers = params["layers"]
         for depth, key in enumerate(sorted(layers)):
             layer = layers[key]
             for i, toks in enumerate(micro):
+                cache = () if caches is None else (caches[i][depth], start)
                 if depth == 0:
                     out = self._run(
                         self._first,
@@ -675,12 +754,15 @@ class MARunner(Runner):
                         _attention_part(layer),
                         self._on_attention(toks),
                         self._head_mask,
+                        *cache,
                     )
                 else:
                     out = self._run(
-                        self._middle, _attention_part(layer), *states[i], self._head_mask
+                        self._middle, _attention_part(layer), *states[i], self._head_mask, *cache
                     )
-                h, wire, gates, routing, _ = out
+                h, wire, gates, routing, _, cache = out
+                if new_caches is not None:
+                    new_caches[i].append(cache)
                 wire = self._send(wire)
                 wire = self._run(
                     self._experts,
@@ -692,9 +774,65 @@ class MARunner(Runner):
                     depth,
                 )
                 states[i] = (h, self._receive(wire), gates, routing)
+        return states, new_caches
+
+    def forward(self, params: Params, tokens: jax.Array) -> jax.Array:
+        self._reset_counters()
+        states, _ = self._forward_sweep(params, self._split_batch(tokens))
         head = _head_part(params)
         logits = [self._run(self._logits, head, *state) for state in states]
         return logits[0] if len(logits) == 1 else jnp.concatenate(logits, axis=0)
+
+    # --- decoding --------------------------------------------------------------------------------
+
+    def init_caches(self, batch: int, max_len: int) -> list[decode.KVCache]:
+        """Zero KV caches of every layer, [batch, max_len, A*n_max, D] split by heads over the
+        attention pool like the q/k/v columns (padded slots stay zero: their kernels are)."""
+        shape = (batch, max_len, self.heads.num_devices * self.heads.slots_per_device)
+        shape = (*shape, self.heads.head_dim)
+        sharding = NamedSharding(self.attention_mesh, CACHE_SPEC)
+        zeros = jax.jit(lambda: jnp.zeros(shape, jnp.float32), out_shardings=sharding)
+        return [decode.KVCache(zeros(), zeros()) for _ in range(self.num_layers)]
+
+    def _decode_step(
+        self, params: Params, tokens: jax.Array, caches: list[list[decode.KVCache]], start: int
+    ) -> tuple[jax.Array, list[list[decode.KVCache]]]:
+        """tokens[B, S] at positions start.. -> (logits [B, V] of the last one, caches)."""
+        micro = self._split_batch(tokens, len(caches))
+        states, caches = self._forward_sweep(
+            params, micro, caches, self._on_attention(np.int32(start))
+        )
+        head = _head_part(params)
+        logits = [self._run(self._last_logits, head, *state) for state in states]
+        return (logits[0] if len(logits) == 1 else jnp.concatenate(logits, axis=0)), caches
+
+    def generate(
+        self,
+        params: Params,
+        prompt: jax.Array,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        seed: int = 0,
+    ) -> jax.Array:
+        """KV-cache decoding on the MA layout (params stay as they are): the attention pool keeps
+        each device's heads' keys and values, the experts stay on the expert pool, buffers cross
+        through the transport (compressed when configured). Routing is dropless. The prompt is
+        cut into `ma_separation.microbatches` micro-batches (ping-pong) when they divide it,
+        else decoded as one."""
+        self._reset_counters()
+        batch, prompt_len = prompt.shape
+        parts = self.microbatches if batch % self.microbatches == 0 else 1
+        caches = [
+            self.init_caches(batch // parts, prompt_len + max_new_tokens) for _ in range(parts)
+        ]
+        return decode.generate_loop(
+            lambda t, c, s: self._decode_step(params, t, c, s),
+            caches,
+            prompt,
+            max_new_tokens,
+            temperature,
+            seed,
+        )
 
     def value_and_grad(
         self, params: Params, tokens: jax.Array, rng: jax.Array | None = None
@@ -738,18 +876,15 @@ class MARunner(Runner):
                     depth,
                 )
                 states[i] = (h, self._receive(wire), gates, routing)
+        # The head's forward and backward (one program per micro-batch), then the layers in
+        # reverse, the same ping-pong order; gradients summed per stage.
         head = _head_part(params)
-        lm_losses, head_vjps = [], []
+        lm_losses, cotangents, head_grads = [], [], None
         for i, toks in enumerate(micro):
-            loss, vjp = self._run(self._head_vjp, head, *states[i], self._on_attention(toks[:, 1:]))
+            loss, head_grads, (d_h, d_out, d_gates) = self._run(
+                self._head_step, head, *states[i], self._on_attention(toks[:, 1:]), head_grads
+            )
             lm_losses.append(loss)
-            head_vjps.append(vjp)
-
-        # Backward in reverse, the same ping-pong order; gradients summed per stage.
-        head_grads = None
-        cotangents = []
-        for vjp in head_vjps:
-            head_grads, (d_h, d_out, d_gates) = self._run(self._head_backward, vjp, head_grads)
             cotangents.append([d_h, d_out, d_gates])
         layer_grads: dict[Any, Any] = {}
         embed_grads = None
@@ -861,15 +996,7 @@ def _summarize(
     """The metrics of `model.loss_terms` from per-micro-batch LM losses and per-stage aux."""
     aux = ops.mean_over_layers(aux_terms)
     lm = jnp.mean(jnp.stack(lm_losses))
-    loss = ops.total_loss(lm, aux, cfg.moe.load_balancing_loss, cfg.moe.router_z_loss)
-    return {
-        "loss": loss,
-        "lm_loss": lm,
-        "load_balancing_loss": aux.load_balancing_loss,
-        "z_loss": aux.router_z_loss,
-        "expert_fraction": aux.expert_fraction,
-        "dropped_fraction": aux.dropped_fraction,
-    }
+    return model.loss_from_parts(cfg, lm, aux)[1]
 
 
 __all__ = ["ExpertOrder", "HeadLayout", "MARunner", "StageRouting"]
