@@ -25,3 +25,13 @@ def paper_cfg():
     from maxjax.config import load_config
 
     return load_config("configs/paper.yaml")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_device_memory_after_each_file():
+    """Drop compiled programs and dead arrays between files, so a worker's memory stays flat."""
+    yield
+    import gc
+
+    gc.collect()
+    jax.clear_caches()
