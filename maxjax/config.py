@@ -228,7 +228,7 @@ class Config:
 
 
 COMPRESSION_CHOICES = ("8-bit quantization", "none")
-TRANSPORT_CHOICES = ("device_put", "collective")
+TRANSPORT_CHOICES = ("device_put",)
 SOURCE_CHOICES = ("embedded", "c4", "files")
 DTYPE_CHOICES = ("float32", "bfloat16")
 

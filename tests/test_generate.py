@@ -70,7 +70,7 @@ def test_ma_decodes_in_its_own_layout(decoder, prompt, tiny_cfg):
     runner, params = decoder
     if runner.name != "ma":
         pytest.skip("MA-specific layout checks")
-    from maxjax.parallel.ma import CACHE_SPEC
+    from maxjax.parallel.ma.layout import CACHE as CACHE_SPEC
 
     runner.generate(params, prompt, NEW_TOKENS)
     layers, parts = tiny_cfg.model.layers, runner.microbatches

@@ -1,6 +1,8 @@
 """MA separation on 16 emulated CPU devices: parity with the single-device reference, placement,
-micro-batches, both transports, dropout, compression and bytes on the wire."""
+micro-batches, dropout, compression, bytes across and inside the pools, and a step that never
+copies a device array to the host."""
 
+import contextlib
 import functools
 import math
 
@@ -13,9 +15,8 @@ from maxjax import compression, model, optim
 from maxjax.config import with_overrides
 from maxjax.model import ops
 from maxjax.parallel import DeviceError, make_runner
-from maxjax.parallel.ma import MARunner
+from maxjax.parallel.ma import MARunner, TokenSplit, pool_bytes_per_stage
 from maxjax.parallel.runner import tree_paths
-from maxjax.parallel.transport import make_transport
 
 BATCH, SEQ = 4, 16
 PERMUTED_MAPPING = [
@@ -105,13 +106,9 @@ def test_make_runner_init_equals_reference_values(tiny_cfg, canonical):
     assert runner.pool_of(("layers", "0", "moe", "router", "kernel")) == "attention"
 
 
-@pytest.mark.parametrize("transport", ["device_put", "collective"])
 @pytest.mark.parametrize("microbatches", [1, 2, 4])
-def test_logits_loss_and_gradients_equal_single(
-    ma_runners, reference, tokens, microbatches, transport
-):
+def test_logits_loss_and_gradients_equal_single(ma_runners, reference, tokens, microbatches):
     runner, params = ma_runners(microbatches)
-    runner.transport = make_transport(runner.cfg, transport)
     logits = np.asarray(runner.forward(params, tokens[:, :-1]))
     scale = np.abs(reference["logits"]).max()
     assert np.abs(logits - reference["logits"]).max() / scale <= 1e-5
@@ -121,7 +118,6 @@ def test_logits_loss_and_gradients_equal_single(
 
 def test_dropout_masks_equal_single(ma_runners, reference, tokens):
     runner, params = ma_runners(2)
-    runner.transport = make_transport(runner.cfg, "device_put")
     metrics, grads = runner.value_and_grad(params, tokens, jax.random.key(7))
     assert_matches_reference(runner, metrics, grads, reference["dropout"])
     assert relative(metrics["loss"], reference["plain"][0]["loss"]) > 1e-6
@@ -181,7 +177,6 @@ def test_placement_follows_head_distribution_and_permuted_expert_mapping(
 
 def test_train_step_equals_single_and_padding_stays_zero(tiny_cfg, ma_runners, canonical, tokens):
     runner, params = ma_runners(1)
-    runner.transport = make_transport(runner.cfg, "device_put")
     single = make_runner(tiny_cfg, "single")
     tx = optim.make_optimizer(tiny_cfg)
     results = []
@@ -228,7 +223,6 @@ def compressed_reference_logits(cfg, params, tokens):
 def test_compression_equals_quantised_reference_and_sends_a_quarter(ma_runners, canonical, tokens):
     plain, params = ma_runners(2)
     compressed, cparams = ma_runners(2, "8-bit quantization")
-    plain.transport = make_transport(plain.cfg, "device_put")
     want = np.asarray(plain.forward(params, tokens[:, :-1]))
     got = np.asarray(compressed.forward(cparams, tokens[:, :-1]))
     quantised = np.asarray(
@@ -292,3 +286,94 @@ def test_batch_must_split_into_equal_microbatches(ma_runners, tokens):
     runner, params = ma_runners(4)
     with pytest.raises(ValueError, match="micro-batches"):
         runner.forward(params, tokens[:3, :-1])
+
+
+@contextlib.contextmanager
+def device_only():
+    """Fail if a device array reaches the host: device-to-host transfers disallowed, and every
+    entry into `jax.Array`'s host-value path (where `device_put` falls back to a host copy
+    without tripping the guard) recorded."""
+    from jax._src.array import ArrayImpl
+
+    original = ArrayImpl._value
+    entered = []
+
+    def watched(self):
+        entered.append((self.shape, str(self.sharding)))
+        return original.fget(self)
+
+    ArrayImpl._value = property(watched)
+    try:
+        with jax.transfer_guard_device_to_host("disallow"):
+            yield entered
+    finally:
+        ArrayImpl._value = original
+
+
+@pytest.mark.parametrize("compression", ["none", "8-bit quantization"])
+@pytest.mark.parametrize("microbatches", [1, 2, 4])
+def test_step_stays_on_devices(ma_runners, canonical, tiny_cfg, tokens, microbatches, compression):
+    runner, params = ma_runners(microbatches, compression)
+    tx = optim.make_optimizer(tiny_cfg)
+    rng = jax.random.key(3)
+    # train_step donates its state: it gets parameters of its own.
+    state = runner.init_train_state(runner.from_canonical(canonical), tx)
+    state, _ = jax.block_until_ready(runner.train_step(state, tokens, tx, rng))
+    calls = (
+        lambda: runner.forward(params, tokens[:, :-1]),
+        lambda: runner.value_and_grad(params, tokens, rng),
+    )
+    for call in calls:
+        jax.block_until_ready(call())  # compile outside the guard
+    for call in calls:
+        with device_only() as host_copies:
+            out = call()
+        assert host_copies == []
+        jax.block_until_ready(out)
+    with device_only() as host_copies:
+        state, metrics = runner.train_step(state, tokens, tx, rng)
+    assert host_copies == []
+    assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
+
+
+def test_token_split_pieces_cover_every_pair_once():
+    for batch in (1, 2, 4, 6, 8, 12, 24, 512):
+        split = TokenSplit.for_batch(12, batch, 4)
+        assert split.sequence_shards * split.replicas == 12
+        assert batch % split.sequence_shards == 0
+        pairs = split.pairs()
+        assert sorted((j, s) for j, s, _ in pairs) == [
+            (j, s) for j in range(4) for s in range(split.sequence_shards)
+        ]
+        for j, s, a in pairs:
+            assert a // split.replicas == s and a % split.replicas == split.sender(j)
+    assert TokenSplit.for_batch(12, 24, 4).sequence_shards == 12
+    assert TokenSplit.for_batch(12, 512, 4) == TokenSplit(4, 3, 4)
+
+
+@pytest.mark.parametrize("compression", ["none", "8-bit quantization"])
+def test_bytes_cross_once_each_way(ma_runners, tiny_cfg, tokens, compression):
+    """Each routed row crosses once each way per layer: the counters equal the capacity buffer
+    [E, B, C, M] of the whole batch (int8 + a float32 scale per row when compressing), back equals
+    out, the backward pass sends float32 of the same shapes, and the attention pool's own
+    collectives are counted apart."""
+    runner, params = ma_runners(2, compression)
+    runner.value_and_grad(params, tokens)
+    cfg = runner.cfg
+    batch, seq = tokens.shape[0], tokens.shape[1] - 1
+    capacity = model.group_capacity(cfg, seq)
+    shape = (cfg.moe.experts_per_layer, batch, capacity, cfg.model.hidden_dim)
+    rows = math.prod(shape[:-1])
+    floats = 4 * math.prod(shape)
+    wire = rows * shape[-1] + 4 * rows if compression != "none" else floats
+    layers = cfg.model.layers
+    moved = runner.bytes_moved
+    assert moved["attention_to_experts"] == layers * wire
+    assert moved["experts_to_attention"] == moved["attention_to_experts"]
+    assert moved["backward_to_experts"] == moved["backward_to_attention"] == layers * floats
+    micro = batch // 2
+    split = runner.token_split(micro)
+    per_stage = pool_bytes_per_stage(split, micro, seq, cfg.model.hidden_dim)
+    assert per_stage > 0
+    assert moved["within_attention_pool"] == 2 * 2 * (layers + 1) * per_stage
+    assert runner.transfer_bytes(batch, seq)["attention_to_experts"] == wire

@@ -47,6 +47,7 @@ from maxjax import model
 from maxjax.config import Config
 from maxjax.model import Params, decode, ops
 from maxjax.model.transformer import compute_dtype, group_capacity
+from maxjax.parallel import vocab
 from maxjax.parallel.mesh import require_devices
 from maxjax.parallel.runner import Runner, Tree, map_with_path
 
@@ -120,18 +121,9 @@ class Plan:
 # --- per-device pieces (run inside shard_map) ------------------------------------------------
 
 
-def vocab_shard() -> jax.Array:
-    """Index of this device's vocabulary shard among the stage x tensor devices."""
-    return lax.axis_index(STAGE) * lax.axis_size(TENSOR) + lax.axis_index(TENSOR)
-
-
 def embed_lookup(table: jax.Array, tokens: jax.Array) -> jax.Array:
     """Embeddings [B, S, M] of tokens from this device's rows of the table, psum'd over VOCAB."""
-    rows = table.shape[0]
-    local = tokens - vocab_shard() * rows
-    inside = (local >= 0) & (local < rows)
-    x = jnp.where(inside[..., None], table[jnp.clip(local, 0, rows - 1)], 0.0)
-    return lax.psum(x.astype(jnp.float32), VOCAB)
+    return lax.psum(vocab.embed_partial(table, tokens, VOCAB), VOCAB)
 
 
 def lm_head_logits(plan: Plan, params: Params, x: jax.Array) -> jax.Array:
@@ -140,23 +132,6 @@ def lm_head_logits(plan: Plan, params: Params, x: jax.Array) -> jax.Array:
     x = ops.rms_norm(x, params["final_norm"]["scale"])
     kernel = params["lm_head"]["kernel"].astype(dtype)
     return jnp.einsum("bsm,mv->bsv", x.astype(dtype), kernel).astype(jnp.float32)
-
-
-def vocab_parallel_cross_entropy_sum(
-    plan: Plan, logits: jax.Array, targets: jax.Array
-) -> jax.Array:
-    """Sum over this device's tokens of the cross-entropy, logits split over VOCAB devices."""
-    width = logits.shape[-1]
-    first = vocab_shard() * width
-    column = first + jnp.arange(width)
-    logits = jnp.where(column < plan.vocab, logits, jnp.finfo(jnp.float32).min)
-    peak = lax.pmax(lax.stop_gradient(jnp.max(logits, axis=-1)), VOCAB)
-    sum_exp = lax.psum(jnp.sum(jnp.exp(logits - peak[..., None]), axis=-1), VOCAB)
-    local = targets - first
-    inside = (local >= 0) & (local < width)
-    picked = jnp.take_along_axis(logits, jnp.clip(local, 0, width - 1)[..., None], axis=-1)[..., 0]
-    picked = lax.psum(jnp.where(inside, picked, 0.0), VOCAB)
-    return jnp.sum(peak + jnp.log(sum_exp) - picked)
 
 
 def expert_parallel_moe(
@@ -296,7 +271,7 @@ def loss_body(
     hidden, aux_sum = hidden_states(plan, params, inputs, rng)
     logits = lm_head_logits(plan, params, hidden)
     global_tokens = targets.size * plan.degrees.data
-    lm = lax.psum(vocab_parallel_cross_entropy_sum(plan, logits, targets), DATA) / global_tokens
+    lm = lax.psum(vocab.cross_entropy_sum(logits, targets, plan.vocab, VOCAB), DATA) / global_tokens
     sequences = inputs.shape[0] * plan.degrees.data
     aux = jax.tree.map(
         lambda a: lax.psum(a, (DATA, STAGE)) / (sequences * plan.cfg.model.layers), aux_sum
@@ -343,9 +318,9 @@ class BaselineRunner(Runner):
         self.degrees = degrees_of(cfg, strategy)
         self.mesh = baseline_mesh(cfg, self.degrees)
         shards = self.degrees.stage * self.degrees.tensor
-        vocab = cfg.training.vocab_size
+        size = cfg.training.vocab_size
         self.plan = Plan(
-            cfg, self.degrees, cfg.baselines.microbatches, vocab, -(-vocab // shards) * shards
+            cfg, self.degrees, cfg.baselines.microbatches, size, vocab.padded_size(size, shards)
         )
         self.specs = self._param_specs()
         self.shardings = jax.tree.map(self._named, self.specs)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from maxjax.config import Config
 
@@ -63,3 +64,16 @@ def expert_submesh(cfg: Config) -> Mesh:
     """The expert pool (ma_separation.moe.devices) as a 1-D mesh, axis 'expert'."""
     devices = require_devices(cfg.hardware.total_gpus)
     return Mesh(np.array([devices[d] for d in cfg.expert_devices]), (EXPERT_AXIS,))
+
+
+def replicate(x: jax.Array, mesh: Mesh) -> jax.Array:
+    """A fully replicated array (a scalar, a key) copied device to device onto every device of
+    `mesh` that this process holds, as one replicated array there. (`jax.device_put` between
+    replicated shardings of different device sets would go through host memory.)"""
+    target = NamedSharding(mesh, P())
+    if x.sharding.device_set == target.device_set:
+        return x
+    source = x.addressable_shards[0].data
+    devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    copies = jax.device_put([source] * len(devices), devices)
+    return jax.make_array_from_single_device_arrays(x.shape, target, copies, dtype=x.dtype)

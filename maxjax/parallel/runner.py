@@ -23,6 +23,7 @@ import optax
 from maxjax import optim
 from maxjax.config import Config
 from maxjax.model import Params
+from maxjax.parallel.mesh import replicate
 
 Tree = Any
 Path = tuple[str, ...]
@@ -78,6 +79,11 @@ def merge(*trees: Tree) -> Tree:
             else:
                 out[key] = value
     return out
+
+
+@jax.jit
+def _global_norm(partial_sq_norms: list[jax.Array]) -> jax.Array:
+    return jnp.sqrt(sum(partial_sq_norms))
 
 
 class TrainState(NamedTuple):
@@ -206,20 +212,21 @@ class Runner(abc.ABC):
         partial = [jax.jit(optim.squared_norm)(g) for g in pools.values()]
         params = self.split_pools(state.params)
         new_params, new_opt = {}, {}
+        grad_norm = None
         for name, pool_grads in pools.items():
-            # Every pool sees every partial norm (moved as scalars, without a host round trip).
+            # Every pool sees every partial norm, copied device to device as scalars.
             sharding = jax.tree.leaves(pool_grads)[0].sharding
-            replicated = (
-                jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+            norms = (
+                [replicate(s, sharding.mesh) for s in partial]
                 if isinstance(sharding, jax.sharding.NamedSharding)
-                else sharding
+                else partial
             )
-            norms = [jax.device_put(s, replicated) for s in partial]
+            if grad_norm is None:
+                grad_norm = _global_norm(norms)
             update = self._update_fn(name, tx)
             new_params[name], new_opt[name] = update(
                 params[name], state.opt_state[name], pool_grads, norms
             )
-        grad_norm = jnp.sqrt(sum(jax.device_get(s) for s in partial))
         return TrainState(merge(*new_params.values()), new_opt, state.step + 1), grad_norm
 
     def _update_fn(self, pool: str, tx: optax.GradientTransformation) -> Callable:

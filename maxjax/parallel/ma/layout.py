@@ -1,0 +1,213 @@
+"""Where MA separation puts things: pure shape code, testable without compiling.
+
+- `HeadLayout`: the heads of `head_distribution` on the attention devices, padded to equal slots.
+- `ExpertOrder`: the experts in expert-device order (`expert_mapping`).
+- `TokenSplit`: how a micro-batch's sequences are split over the attention pool for the
+  token-wise parts of a layer, and which attention device exchanges which piece with which
+  expert device.
+- `ParamLayout`: which pool holds a parameter, its PartitionSpec there, and the leaf transforms
+  between the single-device layout and the MA layout (pad heads and vocabulary, permute experts).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from maxjax.config import Config
+from maxjax.parallel.mesh import ATTENTION_AXIS, EXPERT_AXIS
+from maxjax.parallel.vocab import padded_size
+
+ATTENTION_POOL = "attention"
+EXPERT_POOL = "experts"
+QKV = ("query", "key", "value")
+
+SEQ = "seq"  # attention-pool axis over which a micro-batch's sequences are split
+REP = "rep"  # attention-pool axis of the devices that share one sequence shard
+POOL = (SEQ, REP)  # both: every attention device (heads, vocabulary)
+
+TOKENS = P(SEQ)  # token-wise arrays [b, S, ...] on the attention pool: split by sequence shard
+OUTGOING = P(REP, None, SEQ)  # pieces on the attention pool [R, E/J, b, C, M]
+INCOMING = P(EXPERT_AXIS)  # pieces on the expert pool [J, E/J, b/G, C, M]
+CACHE = P(None, None, POOL, None)  # KV cache [b, T, A*n_max, D]: split by head slots
+
+Path = tuple[str, ...]
+
+
+class HeadLayout(NamedTuple):
+    """How the N heads are spread over the A attention devices, padded to n_max slots each."""
+
+    heads_per_device: tuple[int, ...]
+    slots_per_device: int  # n_max
+    head_dim: int
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> HeadLayout:
+        heads = tuple(cfg.ma_separation.attention.head_distribution)
+        return cls(heads, max(heads), cfg.model.head_dim)
+
+    @property
+    def num_devices(self) -> int:
+        return len(self.heads_per_device)
+
+    @property
+    def num_heads(self) -> int:
+        return sum(self.heads_per_device)
+
+    def slot_heads(self) -> np.ndarray:
+        """Canonical head of every slot [A * n_max], -1 for a padded slot."""
+        heads, start = [], 0
+        for count in self.heads_per_device:
+            heads += list(range(start, start + count)) + [-1] * (self.slots_per_device - count)
+            start += count
+        return np.array(heads, np.int32)
+
+    def head_mask(self) -> np.ndarray:
+        """1.0 for a real head slot, 0.0 for a padded one [A * n_max]."""
+        return (self.slot_heads() >= 0).astype(np.float32)
+
+    def padded_columns(self) -> np.ndarray:
+        """Canonical column of every padded column [A*n_max*D]; N*D (a zero column) for padding."""
+        d = self.head_dim
+        heads = self.slot_heads()
+        cols = heads[:, None] * d + np.arange(d)[None, :]
+        return np.where(heads[:, None] >= 0, cols, self.num_heads * d).reshape(-1)
+
+    def real_columns(self) -> np.ndarray:
+        """Padded column of every canonical column [N*D]."""
+        padded = self.padded_columns()
+        return np.argsort(np.where(padded < self.num_heads * self.head_dim, padded, 1 << 30))[
+            : self.num_heads * self.head_dim
+        ].astype(np.int32)
+
+
+class ExpertOrder(NamedTuple):
+    """Experts in expert-device order (device j's experts are rows j*E/J .. (j+1)*E/J - 1)."""
+
+    order: np.ndarray  # [E]: canonical expert of each row
+    row_of_expert: np.ndarray  # [E]: row of each canonical expert
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> ExpertOrder:
+        order = np.array(
+            [e for d in cfg.expert_devices for e in cfg.experts_of_device(d)], np.int32
+        )
+        return cls(order, np.argsort(order).astype(np.int32))
+
+
+class TokenSplit(NamedTuple):
+    """The token-wise parts of a layer for a micro-batch of b sequences on A attention devices.
+
+    The pool is viewed as a (SEQ = G) x (REP = R) mesh, G = the largest divisor of A that divides
+    b: attention device s*R + r holds sequences s*b/G .. (s+1)*b/G - 1 (its *sequence shard*) and
+    computes their norms, router, dispatch and combine; the R devices of a shard do this
+    identically. The capacity buffer of a shard, [E, b/G, C, M], is cut into one *piece* per
+    expert device j (its E/J experts): piece (j, s) leaves from replica `sender(j)` of shard s and
+    its output comes back to the same device, so each routed row crosses the boundary once each
+    way. Attention itself runs on all A devices over all b sequences (all-gather before,
+    reduce-scatter after, inside the pool).
+    """
+
+    sequence_shards: int  # G
+    replicas: int  # R
+    expert_devices: int  # J
+
+    @classmethod
+    def for_batch(cls, pool_size: int, batch: int, expert_devices: int) -> TokenSplit:
+        shards = max(d for d in range(1, pool_size + 1) if pool_size % d == 0 and batch % d == 0)
+        return cls(shards, pool_size // shards, expert_devices)
+
+    def sender(self, expert_device: int) -> int:
+        """The replica of every sequence shard that exchanges piece `expert_device`."""
+        return expert_device % self.replicas
+
+    def attention_device(self, shard: int, replica: int) -> int:
+        """Position in the attention pool of (sequence shard, replica)."""
+        return shard * self.replicas + replica
+
+    def pairs(self) -> list[tuple[int, int, int]]:
+        """(expert device j, sequence shard s, attention position) of every crossing piece."""
+        return [
+            (j, s, self.attention_device(s, self.sender(j)))
+            for j in range(self.expert_devices)
+            for s in range(self.sequence_shards)
+        ]
+
+    def mesh(self, attention_devices: np.ndarray) -> Mesh:
+        """The attention pool as a (SEQ, REP) mesh, devices in pool order."""
+        return Mesh(
+            np.asarray(attention_devices).reshape(self.sequence_shards, self.replicas), POOL
+        )
+
+
+class ParamLayout:
+    """Pools, PartitionSpecs and layout transforms of the parameters (pure; no devices)."""
+
+    def __init__(self, cfg: Config):
+        self.heads = HeadLayout.from_config(cfg)
+        self.experts = ExpertOrder.from_config(cfg)
+        self.vocab_size = cfg.training.vocab_size
+        self.padded_vocab = padded_size(self.vocab_size, len(cfg.attention_devices))
+
+    @staticmethod
+    def is_expert(path: Path) -> bool:
+        return "experts" in tuple(map(str, path))
+
+    def pool_of(self, path: Path) -> str:
+        return EXPERT_POOL if self.is_expert(path) else ATTENTION_POOL
+
+    def spec_of(self, path: Path) -> P:
+        """PartitionSpec of a MA-layout leaf on its pool's 1-D mesh (axis 'attention' or
+        'expert'): heads and vocabulary split over the attention pool, experts over the expert
+        pool, norms and router replicated."""
+        path = tuple(map(str, path))
+        if self.is_expert(path):
+            return P(EXPERT_AXIS)
+        if path[-2] in QKV or path[-2] == "lm_head":
+            return P(None, ATTENTION_AXIS)
+        if path[-2] in ("out", "embed"):
+            return P(ATTENTION_AXIS, None)
+        return P()
+
+    def stage_spec_of(self, path: Path) -> P:
+        """The same split on a stage program's (SEQ, REP) view of the attention pool."""
+        spec = self.spec_of(path)
+        return P(*(POOL if axis == ATTENTION_AXIS else axis for axis in spec))
+
+    def to_layout(self, path: Path, x: jax.Array) -> jax.Array:
+        """Canonical leaf -> MA layout (pad heads and vocabulary, permute experts)."""
+        path = tuple(map(str, path))
+        if self.is_expert(path):
+            return x[self.experts.order]
+        if path[-2] in QKV:
+            padded = jnp.concatenate([x, jnp.zeros((x.shape[0], 1), x.dtype)], axis=1)
+            return padded[:, self.heads.padded_columns()]
+        if path[-2] == "out":
+            padded = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)], axis=0)
+            return padded[self.heads.padded_columns()]
+        extra = self.padded_vocab - self.vocab_size
+        if path[-2] == "embed":
+            return jnp.pad(x, ((0, extra), (0, 0)))
+        if path[-2] == "lm_head":
+            return jnp.pad(x, ((0, 0), (0, extra)))
+        return x
+
+    def from_layout(self, path: Path, x: jax.Array) -> jax.Array:
+        """MA-layout leaf -> canonical."""
+        path = tuple(map(str, path))
+        if self.is_expert(path):
+            return x[self.experts.row_of_expert]
+        if path[-2] in QKV:
+            return x[:, self.heads.real_columns()]
+        if path[-2] == "out":
+            return x[self.heads.real_columns()]
+        if path[-2] == "embed":
+            return x[: self.vocab_size]
+        if path[-2] == "lm_head":
+            return x[:, : self.vocab_size]
+        return x

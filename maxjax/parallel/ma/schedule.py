@@ -1,0 +1,566 @@
+"""The MA runner: parameters on two pools, and the schedule that drives a step.
+
+Forward sweep: layer by layer, micro-batch by micro-batch (ping-pong order): the attention stage
+of (l, i), its pieces to the experts, the expert stage of (l, i), the pieces back; the attention
+stage of (l, i+1) is dispatched right after, so it runs while the experts work on (l, i). The
+host never waits inside a step: programs and copies are queued and run when their inputs are
+ready. Backward sweep: the head's forward and backward in one program per micro-batch, then the
+layers in reverse with each stage's VJP (its residuals stay on the stage's devices), the same
+order. The byte counters (`bytes_moved`) count what crosses the pool boundary and, separately,
+what the attention pool's collectives move inside it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from maxjax import compression, model
+from maxjax.config import Config
+from maxjax.model import decode
+from maxjax.model.transformer import Params, group_capacity
+from maxjax.parallel.ma.layout import (
+    ATTENTION_POOL,
+    CACHE,
+    EXPERT_POOL,
+    ParamLayout,
+    TokenSplit,
+)
+from maxjax.parallel.ma.stages import (
+    StagePrograms,
+    TokenState,
+    attention_part,
+    head_part,
+    summarize,
+)
+from maxjax.parallel.ma.transport import PieceTransport
+from maxjax.parallel.mesh import (
+    EXPERT_AXIS,
+    attention_submesh,
+    expert_submesh,
+    replicate,
+)
+from maxjax.parallel.runner import Path, Runner, Tree, map_with_path, merge, select
+
+COUNTERS = (
+    "attention_to_experts",
+    "experts_to_attention",
+    "backward_to_experts",
+    "backward_to_attention",
+    "within_attention_pool",
+)
+
+
+class MARunner(Runner):
+    """MoE-Attention separation on two submeshes (see `maxjax.parallel.ma`)."""
+
+    name = "ma"
+
+    def __init__(self, cfg: Config, transport: str | None = None):
+        super().__init__(cfg)
+        name = transport or cfg.ma_separation.transport
+        if name != "device_put":
+            raise ValueError(
+                f"unknown transport {name!r}; MA separation moves pieces by 'device_put'"
+            )
+        self.layout = ParamLayout(cfg)
+        self.heads = self.layout.heads
+        self.experts = self.layout.experts
+        self.attention_mesh = attention_submesh(cfg)
+        self.expert_mesh = expert_submesh(cfg)
+        self.attention_devices = list(self.attention_mesh.devices.flat)
+        self.transport = PieceTransport(self.attention_devices, self.expert_mesh)
+        self.vocab_size = self.layout.vocab_size
+        self.padded_vocab = self.layout.padded_vocab
+        self.num_layers = cfg.model.layers
+        self.microbatches = cfg.ma_separation.microbatches
+        self.compress = (
+            cfg.ma_separation.synchronization.communication_compression == "8-bit quantization"
+        )
+        self._programs: dict[TokenSplit, StagePrograms] = {}
+        self._constants: dict[tuple, jax.Array] = {}
+        self._expert_rows = jax.device_put(
+            self.experts.order, NamedSharding(self.expert_mesh, P(EXPERT_AXIS))
+        )
+        self._reset_counters()
+
+    # --- layout --------------------------------------------------------------------------------
+
+    def pool_of(self, path: Path) -> str:
+        return self.layout.pool_of(path)
+
+    def spec_of(self, path: Path) -> P:
+        return self.layout.spec_of(path)
+
+    def sharding_of(self, path: Path) -> NamedSharding:
+        mesh = self.expert_mesh if self.layout.is_expert(path) else self.attention_mesh
+        return NamedSharding(mesh, self.spec_of(path))
+
+    def _shardings(self, tree: Tree) -> Tree:
+        return map_with_path(lambda p, _: self.sharding_of(p), tree)
+
+    def abstract_params(self) -> Params:
+        """ShapeDtypeStructs (with shardings) of the MA-layout parameters; allocates nothing."""
+        canonical = model.abstract_params(self.cfg)
+        shapes = jax.eval_shape(lambda t: map_with_path(self.layout.to_layout, t), canonical)
+        return map_with_path(
+            lambda p, s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.sharding_of(p)),
+            shapes,
+        )
+
+    def init(self, seed: int) -> Params:
+        """`init_params(cfg, seed)` built per pool by a jit whose outputs are already sharded."""
+        pools = []
+        for pool in (ATTENTION_POOL, EXPERT_POOL):
+
+            def build(pool: str = pool) -> Params:
+                params = map_with_path(self.layout.to_layout, model.init_params(self.cfg, seed))
+                return select(params, lambda p, pool=pool: self.pool_of(p) == pool)
+
+            shardings = self._shardings(jax.eval_shape(build))
+            pools.append(jax.jit(build, out_shardings=shardings)())
+        return merge(*pools)
+
+    def to_canonical(self, tree: Tree) -> Tree:
+        """Undo padding and permutation per pool; the leaves stay on their pool's devices."""
+        out = []
+        for pool_tree in self.split_pools(tree).values():
+            out.append(jax.jit(lambda t: map_with_path(self.layout.from_layout, t))(pool_tree))
+        return merge(*out)
+
+    def from_canonical(self, tree: Tree) -> Tree:
+        """Place each canonical leaf on its pool, then pad / permute it into the MA layout there."""
+        out = []
+        for pool_tree in self.split_pools(tree).values():
+            placed = map_with_path(
+                lambda p, x: jax.device_put(x, self._canonical_sharding(p)), pool_tree
+            )
+            target = self._shardings(pool_tree)
+            out.append(
+                jax.jit(lambda t: map_with_path(self.layout.to_layout, t), out_shardings=target)(
+                    placed
+                )
+            )
+        return merge(*out)
+
+    def _canonical_sharding(self, path: Path) -> NamedSharding:
+        """Where a canonical leaf waits before conversion: experts split, the rest replicated."""
+        if self.pool_of(path) == EXPERT_POOL:
+            return NamedSharding(self.expert_mesh, P(EXPERT_AXIS))
+        return NamedSharding(self.attention_mesh, P())
+
+    # --- token splits and their programs ---------------------------------------------------------
+
+    def token_split(self, batch: int) -> TokenSplit:
+        """How a micro-batch of `batch` sequences is split over the attention pool."""
+        return TokenSplit.for_batch(
+            len(self.attention_devices), batch, len(self.cfg.expert_devices)
+        )
+
+    def programs(self, split: TokenSplit) -> StagePrograms:
+        if split not in self._programs:
+            self._programs[split] = StagePrograms(
+                self.cfg,
+                self.layout,
+                split,
+                split.mesh(self.attention_mesh.devices),
+                self.expert_mesh,
+                self.compress,
+            )
+        return self._programs[split]
+
+    def _constant(self, key: tuple, make: Any) -> jax.Array:
+        """A small array placed once (head mask, sequence ids) and reused by every step."""
+        if key not in self._constants:
+            self._constants[key] = make()
+        return self._constants[key]
+
+    def _head_mask(self, split: TokenSplit) -> jax.Array:
+        mesh = self.programs(split).mesh
+        return self._constant(
+            ("head_mask", split),
+            lambda: jax.device_put(self.heads.head_mask(), NamedSharding(mesh, P(mesh.axis_names))),
+        )
+
+    def _sequence_ids(self, index: int, size: int) -> jax.Array:
+        """Global sequence ids of micro-batch `index` on the expert pool (dropout masks)."""
+        ids = lambda: jax.device_put(
+            np.arange(index * size, (index + 1) * size, dtype=np.int32),
+            NamedSharding(self.expert_mesh, P()),
+        )
+        return self._constant(("sequence_ids", index, size), ids)
+
+    # --- bytes -----------------------------------------------------------------------------------
+
+    def _reset_counters(self) -> None:
+        """Start counting a new call: programs dispatched and bytes moved."""
+        self.programs_dispatched = 0
+        self.transport.copies_dispatched = 0
+        self.bytes_moved = dict.fromkeys(COUNTERS, 0)
+
+    def _run(self, program: Any, *args: Any) -> Any:
+        self.programs_dispatched += 1
+        return program(*args)
+
+    def _to_experts(self, pieces: tuple, split: TokenSplit, counter: str) -> tuple:
+        inputs, crossed = self.transport.to_experts(pieces, split)
+        self.bytes_moved[counter] += crossed
+        return inputs
+
+    def _to_attention(self, outputs: tuple, split: TokenSplit, counter: str) -> tuple:
+        pieces, crossed = self.transport.to_attention(outputs, split, self.programs(split).mesh)
+        self.bytes_moved[counter] += crossed
+        return pieces
+
+    def _count_pool(self, split: TokenSplit, batch: int, seq: int, stages: int) -> None:
+        self.bytes_moved["within_attention_pool"] += stages * pool_bytes_per_stage(
+            split, batch, seq, self.cfg.model.hidden_dim
+        )
+
+    def transfer_bytes(self, batch_size: int, seq_len: int) -> dict[str, Any]:
+        """Bytes per layer and step (all micro-batches) for a batch of `batch_size` sequences.
+
+        Across the boundary each routed row travels once each way: the capacity buffer
+        [E, B, C, M] (int8 + one float32 scale per row when compressing: (1/4 + 1/M) of float32)
+        to the experts, the same back. The backward pass sends float32 cotangents of the same
+        shapes both ways (quantisation is straight-through; compressing gradients would change
+        them). `within_attention_pool_*`: the attention pool's own collectives (see
+        `pool_bytes_per_stage`)."""
+        capacity = group_capacity(self.cfg, seq_len)
+        shape = (self.cfg.moe.experts_per_layer, batch_size, capacity, self.cfg.model.hidden_dim)
+        float_bytes = 4 * math.prod(shape)
+        wire = compression.compressed_nbytes(shape) if self.compress else float_bytes
+        micro = batch_size // self.microbatches
+        split = self.token_split(micro)
+        pool = pool_bytes_per_stage(split, micro, seq_len, self.cfg.model.hidden_dim)
+        return {
+            "buffer_shape": shape,
+            "compressed": self.compress,
+            "token_split": split._asdict(),
+            "attention_to_experts": wire,
+            "experts_to_attention": wire,
+            "uncompressed_each_way": float_bytes,
+            "scale_bytes_each_way": 4 * math.prod(shape[:-1]) if self.compress else 0,
+            "backward_each_way": float_bytes,
+            "within_attention_pool_forward": self.microbatches * pool,
+        }
+
+    # --- driving a step --------------------------------------------------------------------------
+
+    def _split_batch(self, tokens: Any, parts: int | None = None) -> list[jax.Array]:
+        """The `parts` (default: ma_separation.microbatches) micro-batches, replicated on the
+        attention pool. Host tokens are placed there directly; device tokens are sliced where
+        they are and copied device to device."""
+        parts = parts or self.microbatches
+        batch = tokens.shape[0]
+        if batch % parts:
+            raise ValueError(
+                f"batch of {batch} sequences does not split into "
+                f"ma_separation.microbatches = {parts} equal micro-batches"
+            )
+        size = batch // parts
+        if isinstance(tokens, jax.Array):
+            pieces = [tokens[i * size : (i + 1) * size] for i in range(parts)]
+            return [replicate(p, self.attention_mesh) for p in pieces]
+        on_pool = NamedSharding(self.attention_mesh, P())
+        return [
+            jax.device_put(np.asarray(tokens[i * size : (i + 1) * size]), on_pool)
+            for i in range(parts)
+        ]
+
+    def _forward_sweep(
+        self,
+        params: Params,
+        micro: list[jax.Array],
+        caches: list[list[decode.KVCache]] | None = None,
+        start: jax.Array | None = None,
+    ) -> tuple[list[tuple], list[list[decode.KVCache]] | None]:
+        """All layers over the micro-batches in ping-pong order, no gradients. Returns each
+        micro-batch's head input (state, incoming pieces) and, decoding, the updated caches."""
+        size, seq = micro[0].shape
+        split = self.token_split(size)
+        programs = self.programs(split)
+        head_mask = self._head_mask(split)
+        states: list[Any] = [None] * len(micro)
+        new_caches = None if caches is None else [[] for _ in micro]
+        layers = params["layers"]
+        for depth, key in enumerate(sorted(layers, key=int)):
+            layer = layers[key]
+            for i, toks in enumerate(micro):
+                cache = () if caches is None else (caches[i][depth], start)
+                if depth == 0:
+                    args = (params["embed"], attention_part(layer), toks, head_mask, *cache)
+                    state, pieces, _, cache = self._run(programs.first, *args)
+                else:
+                    args = (attention_part(layer), *states[i], head_mask, *cache)
+                    state, pieces, _, cache = self._run(programs.middle, *args)
+                if new_caches is not None:
+                    new_caches[i].append(cache)
+                inputs = self._to_experts(pieces, split, "attention_to_experts")
+                outputs = self._run(
+                    programs.experts,
+                    layer["moe"]["experts"],
+                    inputs,
+                    self._expert_rows,
+                    self._sequence_ids(i, size),
+                    None,
+                    depth,
+                )
+                states[i] = (state, self._to_attention(outputs, split, "experts_to_attention"))
+        self._count_pool(split, size, seq, len(micro) * (len(layers) + 1))
+        return states, new_caches
+
+    def forward(self, params: Params, tokens: jax.Array) -> jax.Array:
+        self._reset_counters()
+        micro = self._split_batch(tokens)
+        states, _ = self._forward_sweep(params, micro)
+        programs = self.programs(self.token_split(micro[0].shape[0]))
+        head = head_part(params)
+        logits = [self._run(programs.logits, head, *state) for state in states]
+        return logits[0] if len(logits) == 1 else jnp.concatenate(logits, axis=0)
+
+    # --- decoding --------------------------------------------------------------------------------
+
+    def init_caches(self, batch: int, max_len: int) -> list[decode.KVCache]:
+        """Zero KV caches of every layer, [batch, max_len, A*n_max, D] split by head slots over
+        the attention pool like the q/k/v columns (padded slots stay zero: their kernels are)."""
+        shape = (batch, max_len, self.heads.num_devices * self.heads.slots_per_device)
+        shape = (*shape, self.heads.head_dim)
+        sharding = NamedSharding(self.programs(self.token_split(batch)).mesh, CACHE)
+        zeros = jax.jit(lambda: jnp.zeros(shape, jnp.float32), out_shardings=sharding)
+        return [decode.KVCache(zeros(), zeros()) for _ in range(self.num_layers)]
+
+    def _decode_step(
+        self, params: Params, tokens: jax.Array, caches: list[list[decode.KVCache]], start: int
+    ) -> tuple[jax.Array, list[list[decode.KVCache]]]:
+        """tokens[B, S] at positions start.. -> (logits [B, V] of the last one, caches)."""
+        micro = self._split_batch(tokens, len(caches))
+        on_pool = NamedSharding(self.attention_mesh, P())
+        states, caches = self._forward_sweep(
+            params, micro, caches, jax.device_put(np.int32(start), on_pool)
+        )
+        programs = self.programs(self.token_split(micro[0].shape[0]))
+        head = head_part(params)
+        logits = [self._run(programs.last_logits, head, *state) for state in states]
+        return (logits[0] if len(logits) == 1 else jnp.concatenate(logits, axis=0)), caches
+
+    def generate(
+        self,
+        params: Params,
+        prompt: jax.Array,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        seed: int = 0,
+    ) -> jax.Array:
+        """KV-cache decoding on the MA layout: the attention pool keeps each device's heads' keys
+        and values, the experts stay on the expert pool, pieces cross as in training
+        (compressed when configured). Routing is dropless. The prompt is cut into
+        `ma_separation.microbatches` micro-batches (ping-pong) when they divide it."""
+        self._reset_counters()
+        batch, prompt_len = prompt.shape
+        parts = self.microbatches if batch % self.microbatches == 0 else 1
+        caches = [
+            self.init_caches(batch // parts, prompt_len + max_new_tokens) for _ in range(parts)
+        ]
+        return decode.generate_loop(
+            lambda t, c, s: self._decode_step(params, t, c, s),
+            caches,
+            prompt,
+            max_new_tokens,
+            temperature,
+            seed,
+        )
+
+    # --- training --------------------------------------------------------------------------------
+
+    def value_and_grad(
+        self, params: Params, tokens: jax.Array, rng: jax.Array | None = None
+    ) -> tuple[dict[str, jax.Array], Params]:
+        self._reset_counters()
+        micro = self._split_batch(tokens)
+        size, seq = micro[0].shape
+        split = self.token_split(size)
+        programs = self.programs(split)
+        head_mask = self._head_mask(split)
+        rng = None if rng is None else replicate(rng, self.expert_mesh)
+        on_pool = NamedSharding(self.attention_mesh, P())
+        loss_weight = self._constant(
+            ("loss_weight",), lambda: jax.device_put(np.float32(1.0 / len(micro)), on_pool)
+        )
+        aux_weight = self._constant(
+            ("aux_weight",),
+            lambda: jax.device_put(np.float32(1.0 / (len(micro) * self.num_layers)), on_pool),
+        )
+        layers = params["layers"]
+        keys = sorted(layers, key=int)
+
+        # Forward, layer by layer, micro-batches interleaved; keep every stage's VJP.
+        states: list[Any] = [None] * len(micro)
+        attention_vjps = [[None] * len(micro) for _ in keys]
+        expert_vjps = [[None] * len(micro) for _ in keys]
+        aux_terms = []
+        for depth, key in enumerate(keys):
+            layer = layers[key]
+            for i, toks in enumerate(micro):
+                if depth == 0:
+                    args = (params["embed"], attention_part(layer), toks[:, :-1], head_mask)
+                    out, attention_vjps[depth][i] = self._run(programs.first_vjp, *args)
+                else:
+                    args = (attention_part(layer), *states[i], head_mask)
+                    out, attention_vjps[depth][i] = self._run(programs.middle_vjp, *args)
+                state, pieces, aux = out
+                aux_terms.append(aux)
+                outputs, expert_vjps[depth][i] = self._run(
+                    programs.experts_vjp,
+                    layer["moe"]["experts"],
+                    self._to_experts(pieces, split, "attention_to_experts"),
+                    self._expert_rows,
+                    self._sequence_ids(i, size),
+                    rng,
+                    depth,
+                )
+                states[i] = (state, self._to_attention(outputs, split, "experts_to_attention"))
+
+        # The head's forward and backward (one program per micro-batch), then the layers in
+        # reverse, the same ping-pong order; gradients summed per stage.
+        head = head_part(params)
+        lm_losses, cotangents, head_grads = [], [], None
+        for i, toks in enumerate(micro):
+            state, received = states[i]
+            loss, head_grads, (d_h, d_gates, d_received) = self._run(
+                programs.head_step, head, state, received, toks[:, 1:], loss_weight, head_grads
+            )
+            lm_losses.append(loss)
+            cotangents.append((d_h, d_gates, d_received))
+        states = None
+        layer_grads: dict[Any, Any] = {}
+        embed_grads = None
+        for depth in reversed(range(len(keys))):
+            attention_acc, experts_acc = None, None
+            for i in range(len(micro)):
+                d_h, d_gates, d_received = cotangents[i]
+                experts_acc, d_inputs = self._run(
+                    programs.experts_backward,
+                    expert_vjps[depth][i],
+                    self._to_experts(d_received, split, "backward_to_experts"),
+                    experts_acc,
+                )
+                d_pieces = self._to_attention(d_inputs, split, "backward_to_attention")
+                if depth > 0:
+                    attention_acc, cotangents[i] = self._run(
+                        programs.layer_backward,
+                        attention_vjps[depth][i],
+                        d_h,
+                        d_pieces,
+                        d_gates,
+                        aux_weight,
+                        attention_acc,
+                    )
+                else:
+                    acc = None if attention_acc is None else (embed_grads, attention_acc)
+                    embed_grads, attention_acc = self._run(
+                        programs.first_backward,
+                        attention_vjps[depth][i],
+                        d_h,
+                        d_pieces,
+                        d_gates,
+                        aux_weight,
+                        acc,
+                    )
+                attention_vjps[depth][i] = expert_vjps[depth][i] = None
+            attention_acc["moe"]["experts"] = experts_acc
+            layer_grads[keys[depth]] = attention_acc
+        # Forward: every layer's stages plus the head; backward: the transposed collectives.
+        self._count_pool(split, size, seq - 1, 2 * len(micro) * (len(keys) + 1))
+        grads = {
+            "embed": embed_grads,
+            "layers": layer_grads,
+            "final_norm": head_grads["final_norm"],
+            "lm_head": head_grads["lm_head"],
+        }
+        metrics = self._run(self._summarize, lm_losses, aux_terms)
+        return metrics, grads
+
+    @property
+    def _summarize(self) -> Any:
+        if "summarize" not in self._constants:
+            self._constants["summarize"] = jax.jit(lambda l, a: summarize(self.cfg, l, a))
+        return self._constants["summarize"]
+
+    # --- ahead-of-time compilation (paper-scale cost and memory without running) ---------------
+
+    def lower_stages(self, batch: int, seq_len: int) -> dict[str, jax.stages.Lowered]:
+        """The training attention stage (layer > 0) and expert stage, lowered for abstract
+        inputs of one micro-batch of `batch` sequences of `seq_len` tokens."""
+        cfg = self.cfg
+        split = self.token_split(batch)
+        programs = self.programs(split)
+        mesh = programs.mesh
+        capacity = group_capacity(cfg, seq_len)
+        per_device = cfg.moe.experts_per_layer // split.expert_devices
+        width, top_k = cfg.model.hidden_dim, cfg.moe.top_k
+        tokens = NamedSharding(mesh, P("seq"))
+
+        def wire(shape: tuple, sharding: NamedSharding) -> Any:
+            if not self.compress:
+                return jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)
+            return (
+                jax.ShapeDtypeStruct(shape, jnp.int8, sharding=sharding),
+                jax.ShapeDtypeStruct(shape[:-1], jnp.float32, sharding=sharding),
+            )
+
+        def like(x: Any) -> jax.ShapeDtypeStruct:
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+
+        params = self.abstract_params()
+        layer = params["layers"][sorted(params["layers"], key=int)[-1]]
+        rows = (batch, seq_len, top_k)
+        state = TokenState(
+            jax.ShapeDtypeStruct((batch, seq_len, width), jnp.float32, sharding=tokens),
+            jax.ShapeDtypeStruct(rows, jnp.float32, sharding=tokens),
+            jax.ShapeDtypeStruct(rows, jnp.int32, sharding=tokens),
+            jax.ShapeDtypeStruct(rows, jnp.int32, sharding=tokens),
+            jax.ShapeDtypeStruct(rows, jnp.bool_, sharding=tokens),
+        )
+        outgoing = NamedSharding(mesh, P("rep", None, "seq"))
+        incoming_shape = (split.replicas, per_device, batch, capacity, width)
+        received = tuple(wire(incoming_shape, outgoing) for _ in range(split.expert_devices))
+        attention = programs.middle_vjp.lower(
+            attention_part(layer), state, received, like(self._head_mask(split))
+        )
+        piece = (split.expert_devices, per_device, batch // split.sequence_shards, capacity, width)
+        on_experts = NamedSharding(self.expert_mesh, P(EXPERT_AXIS))
+        inputs = tuple(wire(piece, on_experts) for _ in range(split.sequence_shards))
+        expert = programs.experts_vjp.lower(
+            layer["moe"]["experts"],
+            inputs,
+            like(self._expert_rows),
+            jax.ShapeDtypeStruct(
+                (batch,), jnp.int32, sharding=NamedSharding(self.expert_mesh, P())
+            ),
+            None,
+            0,
+        )
+        return {"attention": attention, "experts": expert}
+
+
+def pool_bytes_per_stage(split: TokenSplit, batch: int, seq: int, width: int) -> int:
+    """Bytes the attention pool's collectives move inside it for one stage of a micro-batch of
+    `batch` sequences, summed over the receiving devices (ring algorithms): the all-gather of the
+    normed activations [b, S, M] over SEQ before attention, and the reduce-scatter over SEQ plus
+    the all-reduce over REP of the attention output after it (the combine's all-reduce over REP
+    costs the same again). Scalars and routing statistics are left out."""
+    g, r = split.sequence_shards, split.replicas
+    devices = g * r
+    activations = 4 * batch * seq * width
+    shard = activations // g
+    gather = devices * shard * (g - 1)
+    scatter = devices * shard * (g - 1)
+    all_reduce = devices * 2 * shard * (r - 1) // r
+    return gather + scatter + 2 * all_reduce

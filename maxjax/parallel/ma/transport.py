@@ -1,0 +1,183 @@
+"""Moving capacity-buffer pieces between the attention pool and the expert pool, device to device.
+
+`jax.device_put` copies an array device to device only when the source and destination shardings
+have the same shard layout; between layouts that differ (say replicated on 12 devices -> split
+over 4) it goes through host memory. The stage programs (`maxjax.parallel.ma.stages`) therefore
+emit exactly the blocks that cross: a *piece* is one sequence shard's rows for one expert
+device's experts, a [1, E/J, b/G, C, M] block (plus its int8 scales) that sits on one attention
+device as a shard of the outgoing array and is wanted on one expert device as a shard of the
+expert program's input (and the same way back). `PieceTransport` takes each piece's single-device
+buffer, copies it with one batched `jax.device_put` to its destination device, and assembles the
+destination arrays from the copies with `jax.make_array_from_single_device_arrays` (no copy).
+
+Nothing here waits for the data: the copies are queued behind the programs that produce them, so
+the host goes on dispatching (the ping-pong of `maxjax.parallel.ma.schedule`). Across processes
+each piece is copied by the two processes that hold its ends (JAX's cross-host transfers; see
+`jax_cross_host_transfer_socket_address`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
+from jax.sharding import PartitionSpec as P
+
+from maxjax.parallel.ma.layout import INCOMING, OUTGOING, TokenSplit
+
+Tree = Any
+
+
+def nbytes(tree: Tree) -> int:
+    return sum(x.size * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+class PieceTransport:
+    """Copies pieces between the attention and the expert pool (see the module docstring)."""
+
+    name = "device_put"
+
+    def __init__(self, attention_devices: list[jax.Device], expert_mesh: Mesh):
+        self.attention_devices = list(attention_devices)
+        self.expert_mesh = expert_mesh
+        self.expert_devices = list(expert_mesh.devices.flat)
+        self._dummies: dict[tuple, jax.Array] = {}
+        self._one_meshes: dict[int, Mesh] = {}
+        self.copies_dispatched = 0
+
+    # --- single-device views ---------------------------------------------------------------------
+
+    def _one_mesh(self, device: jax.Device) -> Mesh:
+        if device.id not in self._one_meshes:
+            self._one_meshes[device.id] = Mesh(np.array([device]), ("one",))
+        return self._one_meshes[device.id]
+
+    def _block(self, x: jax.Array, device: jax.Device) -> jax.Array | None:
+        """x's shard on `device` as an array of its own (None if not on this process)."""
+        for shard in x.addressable_shards:
+            if shard.device == device:
+                return shard.data
+        return None
+
+    def _zeros(self, shape: tuple[int, ...], dtype: Any, device: jax.Device) -> jax.Array:
+        """A cached zero block on `device` (the pieces a replica does not receive)."""
+        key = (shape, np.dtype(dtype).str, device.id)
+        if key not in self._dummies:
+            make = jax.jit(
+                lambda: jnp.zeros(shape, dtype), out_shardings=SingleDeviceSharding(device)
+            )
+            self._dummies[key] = make()
+        return self._dummies[key]
+
+    def _copy(self, moves: list[tuple[jax.Array | None, jax.Device, jax.Device, tuple, Any]]):
+        """Copy blocks (block, source, destination, shape, dtype) device to device in one batch;
+        returns the destination blocks (None where the destination is on another process)."""
+        self.copies_dispatched += len(moves)
+        if jax.process_count() == 1:
+            return jax.device_put([m[0] for m in moves], [m[2] for m in moves])
+        me = jax.process_index()
+        sources, targets, where = [], [], []
+        for i, (block, src, dst, shape, dtype) in enumerate(moves):
+            if me not in (src.process_index, dst.process_index):
+                continue
+            one = NamedSharding(self._one_mesh(src), P())
+            local = [] if block is None else [block]
+            sources.append(jax.make_array_from_single_device_arrays(shape, one, local, dtype=dtype))
+            targets.append(NamedSharding(self._one_mesh(dst), P()))
+            where.append(i)
+        out: list[jax.Array | None] = [None] * len(moves)
+        for i, y in zip(where, jax.device_put(sources, targets), strict=True):
+            if moves[i][2].process_index == me:
+                out[i] = y.addressable_shards[0].data
+        return out
+
+    # --- the two directions ----------------------------------------------------------------------
+
+    def to_experts(self, pieces: tuple[Tree, ...], split: TokenSplit) -> tuple[tuple, int]:
+        """Outgoing pieces (one wire tree per expert device j, arrays [R, E/J, b, C, M] on the
+        attention pool) -> expert-program inputs (one wire tree per sequence shard s, arrays
+        [J, E/J, b/G, C, M] split over the expert pool). Returns (inputs, bytes crossed)."""
+        leaves_by_j = [jax.tree.leaves(p) for p in pieces]
+        treedef = jax.tree.structure(pieces[0])
+        moves, index = [], {}
+        for j, s, a in split.pairs():
+            for n, leaf in enumerate(leaves_by_j[j]):
+                src, dst = self.attention_devices[a], self.expert_devices[j]
+                shape = (
+                    1,
+                    *leaf.shape[1:2],
+                    leaf.shape[2] // split.sequence_shards,
+                    *leaf.shape[3:],
+                )
+                index[(j, s, n)] = len(moves)
+                moves.append((self._block(leaf, src), src, dst, shape, leaf.dtype))
+        copied = self._copy(moves)
+        crossed = sum(int(np.prod(m[3])) * np.dtype(m[4]).itemsize for m in moves)
+        inputs = []
+        for s in range(split.sequence_shards):
+            leaves = []
+            for n, leaf in enumerate(leaves_by_j[0]):
+                blocks = [copied[index[(j, s, n)]] for j in range(split.expert_devices)]
+                shape = moves[index[(0, s, n)]][3]
+                global_shape = (split.expert_devices, *shape[1:])
+                leaves.append(
+                    self._assemble(
+                        global_shape, NamedSharding(self.expert_mesh, INCOMING), blocks, leaf.dtype
+                    )
+                )
+            inputs.append(jax.tree.unflatten(treedef, leaves))
+        return tuple(inputs), crossed
+
+    def to_attention(
+        self, outputs: tuple[Tree, ...], split: TokenSplit, attention_mesh: Mesh
+    ) -> tuple[tuple, int]:
+        """Expert-program outputs (one wire tree per sequence shard) -> incoming pieces on the
+        attention pool (one wire tree per expert device, arrays [R, E/J, b, C, M], zero blocks
+        on the replicas that do not receive them). Returns (pieces, bytes crossed)."""
+        leaves_by_s = [jax.tree.leaves(o) for o in outputs]
+        treedef = jax.tree.structure(outputs[0])
+        moves, index = [], {}
+        for j, s, a in split.pairs():
+            for n, leaf in enumerate(leaves_by_s[s]):
+                src, dst = self.expert_devices[j], self.attention_devices[a]
+                index[(j, s, n)] = len(moves)
+                moves.append((self._block(leaf, src), src, dst, (1, *leaf.shape[1:]), leaf.dtype))
+        copied = self._copy(moves)
+        crossed = sum(int(np.prod(m[3])) * np.dtype(m[4]).itemsize for m in moves)
+        sharding = NamedSharding(attention_mesh, OUTGOING)
+        pieces = []
+        for j in range(split.expert_devices):
+            leaves = []
+            for n, leaf in enumerate(leaves_by_s[0]):
+                block_shape = (1, *leaf.shape[1:])
+                blocks = []
+                for s in range(split.sequence_shards):
+                    for r in range(split.replicas):
+                        device = self.attention_devices[split.attention_device(s, r)]
+                        if r == split.sender(j):
+                            blocks.append(copied[index[(j, s, n)]])
+                        elif device.process_index == jax.process_index():
+                            blocks.append(self._zeros(block_shape, leaf.dtype, device))
+                        else:
+                            blocks.append(None)
+                global_shape = (
+                    split.replicas,
+                    leaf.shape[1],
+                    leaf.shape[2] * split.sequence_shards,
+                    *leaf.shape[3:],
+                )
+                leaves.append(self._assemble(global_shape, sharding, blocks, leaf.dtype))
+            pieces.append(jax.tree.unflatten(treedef, leaves))
+        return tuple(pieces), crossed
+
+    @staticmethod
+    def _assemble(
+        shape: tuple[int, ...], sharding: NamedSharding, blocks: list, dtype: Any
+    ) -> jax.Array:
+        """One global array from its per-device blocks (in mesh order; None = other process)."""
+        return jax.make_array_from_single_device_arrays(
+            shape, sharding, [b for b in blocks if b is not None], dtype=dtype
+        )
