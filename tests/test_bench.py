@@ -41,3 +41,17 @@ def test_seqlen_rows(tmp_path):
     assert result["devices"].startswith("16 emulated CPU devices")
     assert [r["context_len"] for r in result["rows"]] == [4, 8]
     assert all(positive_finite(r["tpot_ms"]) for r in result["rows"])
+
+
+def test_trace_intervals_busy_and_overlap():
+    from maxjax.bench.trace import intersection, length, pool_activity, union
+
+    assert union([(3, 4), (0, 2), (1, 2.5)]) == [(0, 2.5), (3, 4)]
+    assert length([(0, 1), (0.5, 2)]) == 2
+    assert intersection([(0, 2), (3, 5)], [(1, 4)]) == [(1, 2), (3, 4)]
+    busy = {0: [(0.0, 2.0)], 1: [(1.0, 3.0)], 12: [(2.5, 4.0)], 13: [(3.5, 5.0)]}
+    activity = pool_activity(busy, attention=[0, 1], experts=[12, 13])
+    assert activity["attention_busy_s"] == 3.0
+    assert activity["experts_busy_s"] == 2.5
+    assert activity["overlap_s"] == 0.5
+    assert activity["overlap_fraction_of_experts"] == 0.2

@@ -1,6 +1,7 @@
 """MA separation vs the single-device reference: step time, bytes between the pools, programs.
 
-`python -m maxjax.bench ma-step [--config tiny] [--repeats N] [--skip-paper] [--json PATH]`
+`python -m maxjax.bench ma-step [--config tiny] [--repeats N] [--skip-paper] [--trace DIR]
+[--json PATH]`
 
 On 16 emulated CPU devices (set up here before JAX starts), for the tiny config:
 
@@ -8,8 +9,15 @@ On 16 emulated CPU devices (set up here before JAX starts), for the tiny config:
   ``--repeats`` runs after ``--warmup`` runs, with min and max. Measured here, on this machine's
   CPU cores: every emulated device shares them, so this shows total work plus dispatch overhead,
   not parallel speed-up;
-- bytes per layer each way between the pools, with and without 8-bit compression (from shapes);
-- programs dispatched per step (jitted calls of the runner and of the collective transport).
+- bytes per layer each way between the pools, with and without 8-bit compression (from shapes),
+  and the bytes the attention pool's collectives move inside it;
+- programs and device-to-device copies dispatched per step;
+- with ``--trace DIR``: a profiler trace of ``--repeats`` steps of "ma" with 1, 2 and 4
+  micro-batches, and from it each pool's busy time and the fraction of the expert pool's busy time
+  during which the attention pool is busy too (`maxjax.bench.trace`). On CPU all 16 emulated
+  devices share the machine's cores, so the pools compete for the same cores: overlap here shows
+  that the schedule lets both pools run at once (nothing in the driver serialises them), not that
+  it makes a step faster; that needs devices of their own (a GPU cluster).
 
 Then the paper config's training attention stage and expert stage compile ahead of time on the 16
 emulated devices (nothing runs), printing per-device flops (``cost_analysis``) and memory
@@ -54,6 +62,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         default=None,
         help="sequences per micro-batch for the paper compile (default: batch / microbatches)",
     )
+    parser.add_argument("--trace", default=None, help="profile 'ma' steps into this directory")
     parser.add_argument("--json", default=None, help="write the figures to this file")
     return parser.parse_args(argv)
 
@@ -104,7 +113,8 @@ def measure_steps(args: argparse.Namespace) -> dict[str, Any]:
             lambda: ma.value_and_grad(ma_params, tokens, key), args.repeats, args.warmup
         ),
     }
-    programs = ma.programs_dispatched + ma.transport.programs_dispatched
+    programs = ma.programs_dispatched
+    copies = ma.transport.copies_dispatched
     other = "none" if ma.compress else "8-bit quantization"
     other_cfg = with_overrides(
         cfg, [f"ma_separation.synchronization.communication_compression={other}"]
@@ -124,8 +134,48 @@ def measure_steps(args: argparse.Namespace) -> dict[str, Any]:
         "step_time": timings,
         "ma_over_single": timings["ma"]["median_s"] / timings["single"]["median_s"],
         "programs_per_step": {"single": 1, "ma": programs},
+        "copies_per_step": copies,
+        "bytes_moved_per_step": dict(ma.bytes_moved),
         "bytes_per_layer": bytes_by_setting,
     }
+
+
+def trace_overlap(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Profile `--repeats` MA steps for 1, 2 and 4 micro-batches; busy and overlap per pool."""
+    import jax
+    import numpy as np
+
+    from maxjax import model
+    from maxjax.bench.trace import device_intervals, pool_activity
+    from maxjax.config import load_config
+    from maxjax.parallel.ma import MARunner
+
+    rows = []
+    for micro in (1, 2, 4):
+        cfg = load_config(
+            args.config,
+            ["training.dtype=float32", *args.override, f"ma_separation.microbatches={micro}"],
+        )
+        batch, seq = cfg.sequence.batch_size, cfg.sequence.length
+        tokens = np.asarray(jax.random.randint(jax.random.key(0), (batch, seq + 1), 0, 50257))
+        runner = MARunner(cfg)
+        params = runner.from_canonical(
+            jax.tree.map(np.asarray, jax.jit(lambda cfg=cfg: model.init_params(cfg, 0))())
+        )
+        for _ in range(args.warmup):
+            jax.block_until_ready(runner.value_and_grad(params, tokens))
+        directory = os.path.join(args.trace, f"microbatches_{micro}")
+        jax.profiler.start_trace(directory)
+        for _ in range(args.repeats):
+            jax.block_until_ready(runner.value_and_grad(params, tokens))
+        jax.profiler.stop_trace()
+        activity = pool_activity(
+            device_intervals(directory),
+            [d.id for d in runner.attention_devices],
+            [d.id for d in runner.expert_mesh.devices.flat],
+        )
+        rows.append({"microbatches": micro, "steps": args.repeats, **activity})
+    return rows
 
 
 def compile_paper_stages(args: argparse.Namespace) -> dict[str, Any]:
@@ -172,8 +222,17 @@ def _report(result: dict[str, Any]) -> None:
         print(
             f"  bytes per layer, compression {setting!r}: attention->experts "
             f"{b['attention_to_experts']:,}, experts->attention {b['experts_to_attention']:,} "
-            f"(delivered to all attention devices {b['experts_to_attention_delivered']:,}; "
-            f"scales {b['scale_bytes_each_way']:,}); backward {b['backward_each_way']:,} each way"
+            f"(scales {b['scale_bytes_each_way']:,}); backward {b['backward_each_way']:,} each "
+            f"way; inside the attention pool (forward) {b['within_attention_pool_forward']:,}"
+        )
+    print(f"  device-to-device copies per step: {steps['copies_per_step']}")
+    print(f"  bytes moved in one step (counted by the runner): {steps['bytes_moved_per_step']}")
+    for row in result.get("trace", []):
+        print(
+            f"  trace, {row['microbatches']} micro-batch(es), {row['steps']} steps: attention pool "
+            f"busy {row['attention_busy_s']:.3f} s, expert pool busy {row['experts_busy_s']:.3f} s, "
+            f"both at once {row['overlap_s']:.3f} s = "
+            f"{100 * row['overlap_fraction_of_experts']:.1f}% of the expert pool's busy time"
         )
     paper = result.get("paper")
     if paper:
@@ -197,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(list(argv or []))
     _emulate_devices()
     result: dict[str, Any] = {"steps": measure_steps(args)}
+    if args.trace:
+        result["trace"] = trace_overlap(args)
     if not args.skip_paper:
         result["paper"] = compile_paper_stages(args)
     _report(result)

@@ -12,6 +12,7 @@ what the attention pool's collectives move inside it.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -88,6 +89,7 @@ class MARunner(Runner):
         self._expert_rows = jax.device_put(
             self.experts.order, NamedSharding(self.expert_mesh, P(EXPERT_AXIS))
         )
+        self._summarize = jax.jit(functools.partial(summarize, cfg))
         self._reset_counters()
 
     # --- layout --------------------------------------------------------------------------------
@@ -486,12 +488,6 @@ class MARunner(Runner):
         }
         metrics = self._run(self._summarize, lm_losses, aux_terms)
         return metrics, grads
-
-    @property
-    def _summarize(self) -> Any:
-        if "summarize" not in self._constants:
-            self._constants["summarize"] = jax.jit(lambda l, a: summarize(self.cfg, l, a))
-        return self._constants["summarize"]
 
     # --- ahead-of-time compilation (paper-scale cost and memory without running) ---------------
 
