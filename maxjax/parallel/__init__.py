@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from maxjax.config import Config
+from maxjax.config import Config, ConfigError
 from maxjax.parallel.mesh import DeviceError
 from maxjax.parallel.runner import LayoutReport, Runner, TrainState
 from maxjax.parallel.single import SingleRunner
@@ -21,8 +21,47 @@ from maxjax.parallel.single import SingleRunner
 STRATEGIES = ("single", "ma", "tp", "pp", "tp_pp")
 
 
+def check_strategy(cfg: Config, strategy: str, batch: int | None = None) -> None:
+    """Raise ConfigError if `strategy` is unknown or cannot run `cfg` (no devices needed).
+
+    The rules that depend on the strategy: its tensor and pipeline degrees divide the heads,
+    experts and layers, and a batch of `batch` sequences (if given) splits into whole rows per
+    data-parallel group and micro-batch.
+    """
+    if strategy not in STRATEGIES:
+        raise ConfigError(
+            "--strategy", f"{strategy!r} is not available; choose one of {STRATEGIES}"
+        )
+    if strategy == "ma":
+        parts = cfg.ma_separation.microbatches
+        if batch is not None and batch % parts:
+            raise ConfigError(
+                "sequence.batch_size",
+                f"{batch} does not split into ma_separation.microbatches = {parts} "
+                "equal micro-batches",
+            )
+        return
+    if strategy == "single":
+        return
+    from maxjax.parallel.baselines import degrees_of
+
+    try:
+        degrees = degrees_of(cfg, strategy)
+    except ValueError as e:
+        key = "baselines.pipeline_parallel" if "layers" in str(e) else "baselines.tensor_parallel"
+        raise ConfigError(key, str(e)) from None
+    parts = cfg.baselines.microbatches
+    if batch is not None and batch % (degrees.data * parts):
+        raise ConfigError(
+            "sequence.batch_size",
+            f"strategy {strategy!r} needs a multiple of data parallelism {degrees.data} x "
+            f"micro-batches {parts} = {degrees.data * parts}, got {batch}",
+        )
+
+
 def make_runner(cfg: Config, strategy: str) -> Runner:
-    """The runner of `strategy` for `cfg` (raises ValueError for an unknown strategy)."""
+    """The runner of `strategy` for `cfg` (ConfigError if the strategy cannot run `cfg`)."""
+    check_strategy(cfg, strategy)
     if strategy == "single":
         return SingleRunner(cfg)
     if strategy == "ma":
@@ -36,4 +75,12 @@ def make_runner(cfg: Config, strategy: str) -> Runner:
     raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
 
 
-__all__ = ["STRATEGIES", "DeviceError", "LayoutReport", "Runner", "TrainState", "make_runner"]
+__all__ = [
+    "STRATEGIES",
+    "check_strategy",
+    "DeviceError",
+    "LayoutReport",
+    "Runner",
+    "TrainState",
+    "make_runner",
+]
