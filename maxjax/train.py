@@ -18,7 +18,7 @@ lines after the restored step are dropped first. A resume whose batch, sequence 
 source or model differs from the checkpoint's config stops with one line naming the difference
 (`--allow-config-change` accepts it). Only finite parameters and optimizer states are saved (one
 on-device check per save); a non-finite loss, gradient norm or state stops the run with one line
-naming the newest checkpoint, which a resume uses. Refused input ends with one line on stderr
+naming the newest good checkpoint, which a resume uses. Refused input ends with one line on stderr
 (MAXJAX_DEBUG=1 shows the traceback instead). On a cluster the same command runs once per
 host (see tutorials/cluster.md).
 """
@@ -129,17 +129,25 @@ def _check_resume(saved: dict[str, Any], cfg: Config, step: int, directory: Path
     return changed
 
 
-def _stop_line(problem: str, step: int, store: CheckpointStore, directory: Path) -> str:
-    """One line: what is not finite at `step`, and the newest checkpoint a resume would use."""
+def _stop_line(
+    problem: str, step: int, store: CheckpointStore, directory: Path, producer: int | None = None
+) -> str:
+    """One line: what is not finite at `step`, and the newest good checkpoint (a resume's start).
+
+    `producer`: the step whose parameters produced the non-finite loss or gradient; its
+    checkpoint, if any, is moved to DIR/damaged so that a resume does not start from it.
+    """
     store.wait()
+    moved = ""
+    if producer is not None and producer in store.steps():
+        moved = f" Its checkpoint was moved to {store.set_aside(producer)}."
     kept = store.steps()
     where = (
-        f"The newest checkpoint is step {kept[-1]} in {directory} (only finite states are "
-        "saved); a resume starts there"
+        f"The newest good checkpoint is step {kept[-1]} in {directory}; a resume starts there"
         if kept
-        else "No checkpoint was written yet"
+        else "No good checkpoint is left; a resume starts from scratch"
     )
-    return f"{problem}; stopped without saving step {step}. {where}."
+    return f"{problem}; stopped without saving step {step}.{moved} {where}."
 
 
 class MetricsLog:
@@ -208,9 +216,10 @@ def train(
 
     Raises TrainingError when the loss, the gradient norm or (checked before every save, on the
     devices) the parameters and optimizer state stop being finite: only finite states are ever
-    saved. The loss logged at step s comes from the parameters of step s - 1; a non-finite loss
-    at step s therefore stops before step s is saved, and the newest checkpoint (at most
-    s - 1) is what a resume uses. Raises ResumeError when resuming from a checkpoint written
+    saved. The loss logged at step s comes from the parameters of step s - 1: a non-finite loss
+    or gradient at step s stops before step s is saved and moves the checkpoint of step s - 1
+    (the parameters that produced it) to DIR/damaged, so a resume starts from a checkpoint whose
+    parameters gave finite losses and gradients. Raises ResumeError when resuming from a checkpoint written
     with another batch, data source or model, unless `allow_config_change`.
     """
     steps = steps or cfg.schedule.total_steps
@@ -281,6 +290,7 @@ def train(
                         state.step,
                         store,
                         directory,
+                        producer=step,
                     )
                 )
             record["learning_rate"] = float(lr_at(step))

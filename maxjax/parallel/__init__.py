@@ -43,19 +43,41 @@ def check_strategy(cfg: Config, strategy: str, batch: int | None = None) -> None
         return
     if strategy == "single":
         return
-    from maxjax.parallel.baselines import degrees_of
-
-    try:
-        degrees = degrees_of(cfg, strategy)
-    except ValueError as e:
-        key = "baselines.pipeline_parallel" if "layers" in str(e) else "baselines.tensor_parallel"
-        raise ConfigError(key, str(e)) from None
-    parts = cfg.baselines.microbatches
-    if batch is not None and batch % (degrees.data * parts):
+    split = strategy.split("_")
+    tp = cfg.baselines.tensor_parallel if "tp" in split else 1
+    pp = cfg.baselines.pipeline_parallel if "pp" in split else 1
+    total, layers = cfg.hardware.total_gpus, cfg.model.layers
+    rules = [
+        (
+            total % (tp * pp) == 0,
+            "baselines.pipeline_parallel",
+            f"tp x pp = {tp * pp} must divide the {total} devices",
+        ),
+        (
+            cfg.model.attention_heads % tp == 0,
+            "baselines.tensor_parallel",
+            f"tensor_parallel = {tp} must divide model.attention_heads = {cfg.model.attention_heads}",
+        ),
+        (
+            cfg.moe.experts_per_layer % tp == 0,
+            "baselines.tensor_parallel",
+            f"tensor_parallel = {tp} must divide moe.experts_per_layer = {cfg.moe.experts_per_layer}",
+        ),
+        (
+            layers % pp == 0,
+            "baselines.pipeline_parallel",
+            f"pipeline_parallel = {pp} must divide model.layers = {layers}",
+        ),
+    ]
+    for ok, key, rule in rules:
+        if not ok:
+            raise ConfigError(key, f"strategy {strategy!r}: {rule}")
+    data, parts = total // (tp * pp), cfg.baselines.microbatches
+    if batch is not None and batch % (data * parts):
         raise ConfigError(
             "sequence.batch_size",
-            f"strategy {strategy!r} needs a multiple of data parallelism {degrees.data} x "
-            f"micro-batches {parts} = {degrees.data * parts}, got {batch}",
+            f"strategy {strategy!r} splits the batch over data parallelism {data} x "
+            f"micro-batches {parts} = {data * parts}; {batch} is not a multiple of it",
         )
 
 
