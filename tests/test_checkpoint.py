@@ -118,14 +118,9 @@ def test_non_finite_step_stops_and_resume_uses_a_finite_checkpoint(tmp_path, cap
     assert (tmp_path / "damaged" / "2").is_dir()
     assert _restored_is_finite(tmp_path, 1)
 
-    # The same command resumes from step 1 and meets the same overflow at step 3 again.
-    assert train.main(argv) == 1
-    captured = capsys.readouterr()
-    assert "resumed from the checkpoint of step 1" in captured.out
-    assert "at step 3" in one_error_line(captured.err, "maxjax.train: error:")
-    assert CheckpointStore(tmp_path, create=False).steps() == [1]
     # With a sane learning rate (a change that keeps batches and model) the run goes on.
     assert train.main(train_argv(tmp_path, 4, "checkpoint.interval_steps=1")) == 0
+    assert "resumed from the checkpoint of step 1" in capsys.readouterr().out
     assert [s for s, _ in train_losses(tmp_path)] == [1, 2, 3, 4]
     assert all(math.isfinite(loss) for _, loss in train_losses(tmp_path))
 
