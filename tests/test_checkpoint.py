@@ -26,9 +26,10 @@ from _train_helpers import (
 
 import maxjax
 from maxjax import checkpoint, evaluate, model, train
-from maxjax.checkpoint import CheckpointStore
+from maxjax.checkpoint import CheckpointStore, all_finite
 from maxjax.config import load_config
-from maxjax.parallel import STRATEGIES
+from maxjax.optim import make_optimizer
+from maxjax.parallel import STRATEGIES, make_runner
 
 compile_cache = pytest.fixture(scope="module", autouse=True)(use_compile_cache)
 
@@ -388,3 +389,20 @@ def test_checkpoint_metadata_is_read_through_orbax_only(run8, monkeypatch):
     assert state.step == 4 and meta["strategy"] == "single"
     assert reads.by_maxjax == []
     assert reads.by_libraries, "orbax's own reads should pass through the watched calls"
+
+
+@pytest.mark.skipif("ma" not in STRATEGIES, reason="the MA separation runner is not registered")
+def test_all_finite_sees_a_nan_in_either_pool_of_the_ma_state():
+    cfg = load_config("tiny", FAST)
+    runner = make_runner(cfg, "ma")
+    state = runner.init_train_state(runner.init(0), make_optimizer(cfg))
+    assert all_finite((state.params, state.opt_state))
+    pools = runner.split_pools(state.params)
+    assert len(pools) == 2
+    for name, pool in pools.items():
+        leaves, treedef = jax.tree.flatten(pool)
+        devices = leaves[-1].sharding.device_set
+        leaves[-1] = leaves[-1].at[(0,) * leaves[-1].ndim].set(np.nan)
+        assert leaves[-1].sharding.device_set == devices
+        poisoned = {**pools, name: jax.tree.unflatten(treedef, leaves)}
+        assert not all_finite((poisoned, state.opt_state)), name
