@@ -28,7 +28,14 @@ from maxjax.config import Config, ConfigError, config_from_dict
 from maxjax.data import DataError, validation_batches
 from maxjax.model import ops
 from maxjax.optim import make_optimizer
-from maxjax.parallel import STRATEGIES, DeviceError, Runner, TrainState, make_runner
+from maxjax.parallel import (
+    STRATEGIES,
+    DeviceError,
+    Runner,
+    TrainState,
+    check_strategy,
+    make_runner,
+)
 
 # --- starting JAX ---------------------------------------------------------------------------
 
@@ -208,7 +215,10 @@ def main(argv: list[str] | None = None) -> int:
                 "--strategy", f"{args.strategy!r} is not available; choose one of {STRATEGIES}"
             )
         _, data = read_config(args.checkpoint_dir, args.step)
-        setup_jax(config_from_dict(data))
+        cfg = config_from_dict(data)
+        strategy = args.strategy or default_strategy(args.checkpoint_dir, args.step)
+        check_strategy(cfg, strategy, cfg.sequence.batch_size)
+        setup_jax(cfg)
         result = evaluate(args.checkpoint_dir, args.step, args.strategy, args.batches)
     except USER_ERRORS as e:
         if debugging():

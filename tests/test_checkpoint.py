@@ -302,9 +302,14 @@ def test_every_bad_input_is_one_line_and_leaves_the_checkpoints_intact(run8, tmp
         line = one_error_line(result.stderr, "maxjax.train: error:")
         assert expected in line, (name, line)
     assert _snapshot(run8, times=True) == before
-    result = _run_cli("maxjax.evaluate", ["--checkpoint-dir", str(tmp_path / "nothing")])
-    assert result.returncode == 1
-    assert "does not exist" in one_error_line(result.stderr, "maxjax.evaluate: error:")
+    for argv, expected in [
+        (["--checkpoint-dir", str(tmp_path / "nothing")], "does not exist"),
+        (["--checkpoint-dir", str(run8), "--strategy", "pp"], "splits the batch"),
+    ]:
+        result = _run_cli("maxjax.evaluate", argv)
+        assert result.returncode == 1
+        assert expected in one_error_line(result.stderr, "maxjax.evaluate: error:")
+    assert _snapshot(run8, times=True) == before
 
 
 def test_maxjax_debug_shows_the_traceback(tmp_path):
