@@ -10,9 +10,14 @@ A checkpoint directory holds one sub-directory per saved step (``DIR/<step>/``) 
 
 Saves are asynchronous: orbax writes into a temporary directory and renames it to ``DIR/<step>``
 only when every item is complete, so a process killed at any moment leaves the previous
-checkpoints intact and at most a temporary directory that restoring ignores. A step directory
-that still fails to restore (damaged on disk) is reported, and restoring falls back to the step
-before it.
+checkpoints intact and at most a temporary directory that restoring ignores. The trainer saves
+only states that `all_finite` (one on-device reduction per device pool) accepts. Restoring
+verifies what it read: the shapes (a mismatch means another model: an error), the dtypes, that
+every value is finite, and that the config item is a valid config; a checkpoint that fails to
+read or verify is reported and restoring falls back to the step before it.
+
+Everything on disk is found and read through orbax's public API (its step-name format, its
+CheckpointManager and its JSON item handler); this module never opens orbax's files by path.
 
 Limitation: `CheckpointStore.restore` loads the whole exported tree into host memory of every
 process (one float32 copy of parameters, mu and nu) before the runner places it. That is
@@ -119,7 +124,7 @@ class UnusableCheckpoint(ValueError):
     """A checkpoint read back but its contents are wrong (dtype, non-finite values, config)."""
 
 
-def _verify(step: int, state: dict[str, Any], expected_params: Any, config: Any) -> None:
+def _verify(state: dict[str, Any], expected_params: Any, config: Any) -> None:
     """Raise UnusableCheckpoint unless `state` has the expected dtypes, is finite, and `config`
     is a valid config."""
     from maxjax.config import ConfigError, config_from_dict
@@ -267,7 +272,7 @@ class CheckpointStore:
         state = dict(restored["state"])
         state["count"] = np.asarray(state["count"])
         config = dict(restored["config"])
-        _verify(step, state, expected_params, config)
+        _verify(state, expected_params, config)
         return state, dict(restored["meta"]), config
 
     def set_aside(self, step: int) -> Path:

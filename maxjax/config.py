@@ -26,7 +26,8 @@ class ConfigError(ValueError):
     def __init__(self, key: str, rule: str):
         self.key = key
         self.rule = rule
-        super().__init__(f"config key '{key}': {rule}")
+        # '<path>', '<file>', '<root>': the problem is the file itself, not one of its keys.
+        super().__init__(rule if key.startswith("<") else f"config key '{key}': {rule}")
 
 
 _frozen = dataclasses.dataclass(frozen=True)

@@ -288,10 +288,10 @@ def _run_cli(module, argv, env=None):
 def test_every_bad_input_is_one_line_and_leaves_the_checkpoints_intact(run8, tmp_path):
     """Each refused command line: exit code 1, one stderr line naming the problem, and the
     run's existing checkpoints untouched (file names, sizes and modification times). The
-    commands run three at a time: most of each one's time is importing JAX."""
+    commands run two at a time: most of each one's time is importing JAX."""
     before = _snapshot(run8, times=True)
     cases = _bad_inputs(tmp_path)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         results = list(
             pool.map(
                 lambda case: _run_cli("maxjax.train", [*train_argv(run8, 10), *case[1]]), cases
