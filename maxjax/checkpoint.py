@@ -102,17 +102,25 @@ def all_finite(tree: Any) -> bool:
     is reduced to one boolean on its devices, and only those booleans reach the host. Host
     (numpy) leaves are checked on the host.
     """
-    groups: dict[frozenset, list[jax.Array]] = {}
+    groups: dict[tuple, list[jax.Array]] = {}
     host_ok = True
     for leaf in jax.tree.leaves(tree):
         if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
             continue
         if isinstance(leaf, jax.Array):
-            groups.setdefault(frozenset(leaf.sharding.device_set), []).append(leaf)
+            groups.setdefault(_device_order(leaf.sharding), []).append(leaf)
         else:
             host_ok = host_ok and bool(np.isfinite(np.asarray(leaf)).all())
     flags = [_all_finite_on_device(leaves) for leaves in groups.values()]
     return host_ok and all(bool(flag) for flag in jax.device_get(flags))
+
+
+def _device_order(sharding: jax.sharding.Sharding) -> tuple:
+    """Arrays that one jitted program may take together share this key (same devices, in the
+    same mesh order)."""
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return tuple(d.id for d in sharding.mesh.devices.flat)
+    return tuple(sorted(d.id for d in sharding.device_set))
 
 
 @jax.jit
