@@ -218,9 +218,9 @@ def train(
     devices) the parameters and optimizer state stop being finite: only finite states are ever
     saved. The loss logged at step s comes from the parameters of step s - 1: a non-finite loss
     or gradient at step s stops before step s is saved and moves the checkpoint of step s - 1
-    (the parameters that produced it) to DIR/damaged, so a resume starts from a checkpoint whose
-    parameters gave finite losses and gradients. Raises ResumeError when resuming from a checkpoint written
-    with another batch, data source or model, unless `allow_config_change`.
+    (the parameters that produced it) to DIR/damaged, so a resume starts from a checkpoint
+    whose parameters gave finite losses and gradients. Raises ResumeError when resuming from a
+    checkpoint written with another batch, data source or model, unless `allow_config_change`.
     """
     steps = steps or cfg.schedule.total_steps
     directory = Path(checkpoint_dir or cfg.checkpoint.directory)
@@ -255,7 +255,10 @@ def train(
         if not all_finite((state.params, state.opt_state)):
             raise TrainingError(
                 _stop_line(
-                    "parameters or optimizer state became non-finite", state.step, store, directory
+                    f"the parameters or optimizer state of step {state.step} are not finite",
+                    state.step,
+                    store,
+                    directory,
                 )
             )
         meta = {"data": train_data.state(), "seed": cfg.training.seed, "strategy": strategy}
