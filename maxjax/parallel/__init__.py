@@ -56,12 +56,14 @@ def check_strategy(cfg: Config, strategy: str, batch: int | None = None) -> None
         (
             cfg.model.attention_heads % tp == 0,
             "baselines.tensor_parallel",
-            f"tensor_parallel = {tp} must divide model.attention_heads = {cfg.model.attention_heads}",
+            f"tensor_parallel = {tp} must divide model.attention_heads = "
+            f"{cfg.model.attention_heads}",
         ),
         (
             cfg.moe.experts_per_layer % tp == 0,
             "baselines.tensor_parallel",
-            f"tensor_parallel = {tp} must divide moe.experts_per_layer = {cfg.moe.experts_per_layer}",
+            f"tensor_parallel = {tp} must divide moe.experts_per_layer = "
+            f"{cfg.moe.experts_per_layer}",
         ),
         (
             layers % pp == 0,
