@@ -465,7 +465,7 @@ def validate(cfg: Config) -> None:
     _check(
         not unknown,
         f"nodes.gpu_mapping.{unknown[0]}" if unknown else "nodes.gpu_mapping",
-        f"unknown node name; the keys must be node_0 .. node_{len(nodes) - 1}",
+        "unknown node name; the nodes must be named node_0, node_1, ... in order",
     )
     _check(
         len({len(devs) for devs in nodes.values()}) <= 1,

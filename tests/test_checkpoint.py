@@ -261,9 +261,14 @@ def _bad_inputs(tmp_path):
             "sequence.length 16 -> 8",
         ),
         (
-            "resume with another data source",
+            "unsupported data file",
             [*files, f"training.data_files=[{REPO / 'README.md'}]"],
             "has an unsupported type",
+        ),
+        (
+            "resume with another data source",
+            [*files, f"training.data_files=[{corpus}]"],
+            "training.data_files [] -> [",
         ),
         (
             "--set of an unknown key",
