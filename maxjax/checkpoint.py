@@ -10,9 +10,14 @@ A checkpoint directory holds one sub-directory per saved step (``DIR/<step>/``) 
 
 Saves are asynchronous: orbax writes into a temporary directory and renames it to ``DIR/<step>``
 only when every item is complete, so a process killed at any moment leaves the previous
-checkpoints intact and at most a temporary directory that restoring ignores. A step directory
-that still fails to restore (damaged on disk) is reported, and restoring falls back to the step
-before it.
+checkpoints intact and at most a temporary directory that restoring ignores. The trainer saves
+only states that `all_finite` (one on-device reduction per device pool) accepts. Restoring
+verifies what it read: the shapes (a mismatch means another model: an error), the dtypes, that
+every value is finite, and that the config item is a valid config; a checkpoint that fails to
+read or verify is reported and restoring falls back to the step before it.
+
+Everything on disk is found and read through orbax's public API (its step-name format, its
+CheckpointManager and its JSON item handler); this module never opens orbax's files by path.
 
 Limitation: `CheckpointStore.restore` loads the whole exported tree into host memory of every
 process (one float32 copy of parameters, mu and nu) before the runner places it. That is
@@ -23,12 +28,12 @@ would be needed.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -45,20 +50,32 @@ def _handlers() -> dict[str, ocp.CheckpointHandler]:
     }
 
 
-def saved_steps(directory: str | Path) -> list[int]:
-    """Completed checkpoint steps under `directory`, oldest first (no JAX or orbax calls)."""
+def _step_paths(directory: str | Path) -> dict[int, Any]:
+    """{step: path} of the completed checkpoints under `directory`, found through orbax."""
     path = Path(directory)
     if not path.is_dir():
-        return []
-    return sorted(
-        int(p.name)
-        for p in path.iterdir()
-        if p.is_dir() and p.name.isdigit() and (p / "config").is_dir()
-    )
+        return {}
+    found = ocp.step.standard_name_format().find_all(path)
+    return {int(m.step): m.path for m in found}
+
+
+def saved_steps(directory: str | Path) -> list[int]:
+    """Completed checkpoint steps under `directory`, oldest first (JAX's devices stay untouched)."""
+    return sorted(_step_paths(directory))
+
+
+def read_json_item(directory: str | Path, step: int, item: str) -> dict[str, Any]:
+    """The JSON item `item` ('meta' or 'config') of checkpoint `step`, read by orbax's handler.
+
+    Unlike a CheckpointManager this does not start JAX's backends, so it can run before the
+    number of emulated CPU devices is set.
+    """
+    step_path = _step_paths(directory)[step]
+    return dict(ocp.JsonCheckpointHandler().restore(step_path / item, ocp.args.JsonRestore()))
 
 
 def read_config(directory: str | Path, step: int | None = None) -> tuple[int, dict[str, Any]]:
-    """(step, config dict) of checkpoint `step` (default: newest readable), read as plain JSON.
+    """(step, config dict) of checkpoint `step` (default: newest readable).
 
     Used before JAX starts (the config decides how many CPU devices to emulate).
     """
@@ -72,10 +89,67 @@ def read_config(directory: str | Path, step: int | None = None) -> tuple[int, di
         raise CheckpointError(f"no checkpoint of step {step} in {str(directory)!r} (has {steps})")
     for s in candidates:
         try:
-            return s, json.loads((Path(directory) / str(s) / "config" / "metadata").read_text())
-        except (OSError, json.JSONDecodeError):
+            return s, read_json_item(directory, s, "config")
+        except Exception:  # noqa: BLE001, S112 - a damaged item: try the previous step
             continue
     raise CheckpointError(f"no readable config in any checkpoint of {str(directory)!r}")
+
+
+def all_finite(tree: Any) -> bool:
+    """Whether every float array of `tree` is finite, checked where the arrays live.
+
+    Arrays are grouped by the devices that hold them (a runner may keep two pools); each group
+    is reduced to one boolean on its devices, and only those booleans reach the host. Host
+    (numpy) leaves are checked on the host.
+    """
+    groups: dict[tuple, list[jax.Array]] = {}
+    host_ok = True
+    for leaf in jax.tree.leaves(tree):
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+            continue
+        if isinstance(leaf, jax.Array):
+            groups.setdefault(_device_order(leaf.sharding), []).append(leaf)
+        else:
+            host_ok = host_ok and bool(np.isfinite(np.asarray(leaf)).all())
+    flags = [_all_finite_on_device(leaves) for leaves in groups.values()]
+    return host_ok and all(bool(flag) for flag in jax.device_get(flags))
+
+
+def _device_order(sharding: jax.sharding.Sharding) -> tuple:
+    """Arrays that one jitted program may take together share this key (same devices, in the
+    same mesh order)."""
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return tuple(d.id for d in sharding.mesh.devices.flat)
+    return tuple(sorted(d.id for d in sharding.device_set))
+
+
+@jax.jit
+def _all_finite_on_device(leaves: list[jax.Array]) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+class UnusableCheckpoint(ValueError):
+    """A checkpoint read back but its contents are wrong (dtype, non-finite values, config)."""
+
+
+def _verify(state: dict[str, Any], expected_params: Any, config: Any) -> None:
+    """Raise UnusableCheckpoint unless `state` has the expected dtypes, is finite, and `config`
+    is a valid config."""
+    from maxjax.config import ConfigError, config_from_dict
+
+    expected = _leaf_names(expected_params)
+    for part in ("params", "mu", "nu"):
+        for name, leaf in _leaf_names(state[part]).items():
+            if np.dtype(leaf.dtype) != np.dtype(expected[name].dtype):
+                raise UnusableCheckpoint(
+                    f"{part}.{name} has dtype {leaf.dtype}, expected {expected[name].dtype}"
+                )
+        if not all_finite(state[part]):
+            raise UnusableCheckpoint(f"its {part} hold non-finite values")
+    try:
+        config_from_dict(config)
+    except (ConfigError, TypeError) as e:
+        raise UnusableCheckpoint(f"its config is not valid ({e})") from None
 
 
 def _leaf_names(tree: Any) -> dict[str, Any]:
@@ -205,7 +279,9 @@ class CheckpointStore:
         )
         state = dict(restored["state"])
         state["count"] = np.asarray(state["count"])
-        return state, dict(restored["meta"]), dict(restored["config"])
+        config = dict(restored["config"])
+        _verify(state, expected_params, config)
+        return state, dict(restored["meta"]), config
 
     def set_aside(self, step: int) -> Path:
         """Move the (damaged) checkpoint `step` to DIR/damaged/<step> so a new save can take its place."""
@@ -213,6 +289,6 @@ class CheckpointStore:
         if target.exists():
             shutil.rmtree(target)
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(self.directory / str(step)), str(target))
+        shutil.move(str(_step_paths(self.directory)[step]), str(target))
         self._manager.reload()
         return target

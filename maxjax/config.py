@@ -26,7 +26,8 @@ class ConfigError(ValueError):
     def __init__(self, key: str, rule: str):
         self.key = key
         self.rule = rule
-        super().__init__(f"config key '{key}': {rule}")
+        # '<path>', '<file>', '<root>': the problem is the file itself, not one of its keys.
+        super().__init__(rule if key.startswith("<") else f"config key '{key}': {rule}")
 
 
 _frozen = dataclasses.dataclass(frozen=True)
@@ -57,157 +58,236 @@ class FrozenMap(Mapping):
         return repr(self._items)
 
 
+def _key(doc: str, default: Any = dataclasses.MISSING) -> Any:
+    """A config field with its meaning (`doc`), read by `key_docs` and `python -m maxjax.config`."""
+    return dataclasses.field(default=default, metadata={"doc": doc})
+
+
 @_frozen
 class Model:
-    type: str
-    layers: int
-    hidden_dim: int
-    attention_heads: int
-    head_dim: int
+    type: str = _key("description; the code has one model (seed)")
+    layers: int = _key("decoder layers; every layer's feed-forward is the MoE layer (seed)")
+    hidden_dim: int = _key("model width M; divisible by attention_heads (seed)")
+    attention_heads: int = _key(
+        "heads N, spread over the attention devices by head_distribution (seed)"
+    )
+    head_dim: int = _key(
+        "width D of one head; equals hidden_dim / attention_heads; even (rotary pairs) (seed)"
+    )
 
 
 @_frozen
 class MoE:
-    experts_per_layer: int
-    expert_hidden_dim: int
-    top_k: int
-    capacity_factor: float
-    load_balancing_loss: float
-    router_z_loss: float
-    expert_dropout: float
+    experts_per_layer: int = _key("experts E in each MoE layer (seed)")
+    expert_hidden_dim: int = _key(
+        "hidden width H of one expert FFN (hidden -> H -> hidden, GELU) (seed)"
+    )
+    top_k: int = _key("experts per token, 1..experts_per_layer (seed)")
+    capacity_factor: float = _key(
+        "slots per expert and sequence: ceil(seq_tokens * top_k * capacity_factor / E); "
+        "assignments past capacity are dropped (seed)"
+    )
+    load_balancing_loss: float = _key(
+        "coefficient of the load-balancing loss E * sum_i f_i * P_i (seed)"
+    )
+    router_z_loss: float = _key(
+        "coefficient of the router z-loss mean_t logsumexp(logits_t)^2 (seed)"
+    )
+    expert_dropout: float = _key(
+        "dropout on the expert hidden activation, training only; in [0, 1) (seed)"
+    )
 
 
 @_frozen
 class Sequence_:
-    length: int
-    batch_size: int
-    total_tokens_per_batch: int
+    length: int = _key("tokens per training sequence; one sequence is one routing group (seed)")
+    batch_size: int = _key(
+        "sequences per global batch; divisible by ma_separation.microbatches (seed)"
+    )
+    total_tokens_per_batch: int = _key("tokens per batch; equals length * batch_size (seed)")
 
 
 @_frozen
 class Interconnect:
-    intra_node: str
-    inter_node: str
+    intra_node: str = _key("link inside a node, descriptive (seed)")
+    inter_node: str = _key("link between nodes, descriptive (seed)")
 
 
 @_frozen
 class Hardware:
-    total_gpus: int
-    gpu_type: str
-    gpu_memory: str
-    interconnect: Interconnect
+    total_gpus: int = _key(
+        "devices of the whole system; on CPU JAX emulates this many; "
+        "equals attention.gpus + moe.gpus (seed)"
+    )
+    gpu_type: str = _key("the seed's GPU, descriptive (seed)")
+    gpu_memory: str = _key("the seed's GPU memory, descriptive (seed)")
+    interconnect: Interconnect = _key("the seed's links (seed)")
 
 
 @_frozen
 class Nodes:
-    architecture: str
-    cpu: str
-    system_memory: str
-    gpu_mapping: dict[str, tuple[int, ...]]
+    architecture: str = _key("description of the node layout (seed)")
+    cpu: str = _key("the seed's host CPU, descriptive (seed)")
+    system_memory: str = _key("the seed's host memory, descriptive (seed)")
+    gpu_mapping: dict[str, tuple[int, ...]] = _key(
+        "devices of each node, keys node_0 .. node_<n-1>, each node the same size; every "
+        "device 0..total_gpus-1 exactly once; row i of the (node, gpu) mesh (seed)"
+    )
 
 
 @_frozen
 class Attention:
-    gpus: int
-    devices: tuple[int, ...]
-    head_distribution: tuple[int, ...]
-    replication_factor: int
+    gpus: int = _key("size of the attention pool (seed)")
+    devices: tuple[int, ...] = _key(
+        "the attention pool's device numbers; disjoint from moe.devices (seed comment)"
+    )
+    head_distribution: tuple[int, ...] = _key(
+        "heads per attention device, in the order of devices; sums to model.attention_heads (seed)"
+    )
+    replication_factor: int = _key(
+        "1: no standby copy; 2: a standby copy of the neighbour's shard (checked, not used yet) "
+        "(seed)"
+    )
 
 
 @_frozen
 class MoEPool:
-    gpus: int
-    devices: tuple[int, ...]
-    experts_per_gpu: int
-    expert_mapping: dict[str, tuple[int, ...]]
+    gpus: int = _key("size of the expert pool (seed)")
+    devices: tuple[int, ...] = _key("the expert pool's device numbers (seed comment)")
+    experts_per_gpu: int = _key(
+        "experts per expert device and layer; times gpus equals experts_per_layer (seed)"
+    )
+    expert_mapping: dict[str, tuple[int, ...]] = _key(
+        "which experts live on which expert device, keys gpu_<d>; a partition of 0..E-1 (seed)"
+    )
 
 
 @_frozen
 class Synchronization:
-    time_prediction_model: str
-    sync_interval: int
-    load_balancing_threshold: float
-    communication_compression: str
+    time_prediction_model: str = _key("the stage-time predictor, descriptive (seed)")
+    sync_interval: int = _key("steps between refits of the time predictor (seed)")
+    load_balancing_threshold: float = _key(
+        "predicted imbalance above which the balancer proposes a new plan; in [0, 1) (seed)"
+    )
+    communication_compression: str = _key(
+        "'8-bit quantization' (int8 + one float32 scale per token between the pools) or 'none' "
+        "(seed)"
+    )
 
 
 @_frozen
 class MASeparation:
-    attention: Attention
-    moe: MoEPool
-    synchronization: Synchronization
-    microbatches: int = 1
-    transport: str = "device_put"
+    attention: Attention = _key("the attention pool (seed)")
+    moe: MoEPool = _key("the expert pool (seed)")
+    synchronization: Synchronization = _key("the time predictor and balancer (seed)")
+    microbatches: int = _key(
+        "micro-batches per step in ping-pong between the pools; divides sequence.batch_size "
+        "(maxjax)",
+        1,
+    )
+    transport: str = _key(
+        "how buffer pieces move between the pools: 'device_put', device-to-device copies of the "
+        "blocks that cross, within a process and across processes (maxjax)",
+        "device_put",
+    )
 
 
 @_frozen
 class Baselines:
-    tensor_parallel: int = 8
-    pipeline_parallel: int = 2
-    microbatches: int = 2
+    tensor_parallel: int = _key(
+        "TP degree of the 'tp' and 'tp_pp' baselines; divides total_gpus, heads and experts "
+        "(maxjax)",
+        8,
+    )
+    pipeline_parallel: int = _key(
+        "PP degree of the 'pp' and 'tp_pp' baselines; divides model.layers (maxjax)", 2
+    )
+    microbatches: int = _key("GPipe micro-batches of the pipeline baselines (maxjax)", 2)
 
 
 @_frozen
 class Training:
-    dataset: str
-    validation_split: float
-    vocab_size: int
-    source: str = "embedded"
-    data_dir: str | None = None
-    data_files: tuple[str, ...] = ()
-    dtype: str = "float32"
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    log_interval: int = 10
-    validation_interval: int = 100
-    validation_batches: int = 4
+    dataset: str = _key("the seed's data, descriptive; what is read is chosen by source (seed)")
+    validation_split: float = _key("fraction of documents held out for validation (seed)")
+    vocab_size: int = _key("rows of the embedding table and logits; at least 50257 (seed)")
+    source: str = _key(
+        "'embedded' (offline help text), 'c4' (TFDS) or 'files' (maxjax)", "embedded"
+    )
+    data_dir: str | None = _key("TFDS data directory for source 'c4' (maxjax)", None)
+    data_files: tuple[str, ...] = _key(
+        "files or glob patterns (.txt, .jsonl, .json.gz) for source 'files' (maxjax)", ()
+    )
+    dtype: str = _key(
+        "compute dtype of the matmuls, 'float32' or 'bfloat16'; parameters stay float32 (maxjax)",
+        "float32",
+    )
+    gradient_checkpointing: bool = _key(
+        "rematerialise activations in the backward pass (not implemented by the runners yet) "
+        "(maxjax)",
+        False,
+    )
+    seed: int = _key("seed of initialisation, data order and dropout keys (maxjax)", 0)
+    log_interval: int = _key("steps between log lines without a progress bar (maxjax)", 10)
+    validation_interval: int = _key(
+        "steps between validation passes, also at the last step (maxjax)", 100
+    )
+    validation_batches: int = _key("validation batches per pass (maxjax)", 4)
 
 
 @_frozen
 class Optimizer:
-    type: str
-    learning_rate: float
-    betas: tuple[float, ...]
-    weight_decay: float
-    gradient_clipping: float
+    type: str = _key("the optimizer; only AdamW (seed)")
+    learning_rate: float = _key("peak learning rate, reached at the end of warmup (seed)")
+    betas: tuple[float, ...] = _key("AdamW beta1, beta2, each in [0, 1) (seed)")
+    weight_decay: float = _key("decoupled weight decay on every matrix (seed)")
+    gradient_clipping: float = _key(
+        "maximum global gradient norm (over both pools under MA separation) (seed)"
+    )
 
 
 @_frozen
 class Schedule:
-    warmup_steps: int
-    total_steps: int
-    decay: str
+    warmup_steps: int = _key("linear warmup from 0 to learning_rate; below total_steps (seed)")
+    total_steps: int = _key(
+        "training length; the cosine reaches 0 here; default --steps of maxjax.train (seed)"
+    )
+    decay: str = _key("decay after warmup; only 'cosine' (seed)")
 
 
 @_frozen
 class Validation:
     """The seed's reported validation results (targets to compare with, not settings)."""
 
-    perplexity: float | None = None
-    convergence_speed: float | None = None
-    reproducibility: str | None = None
+    perplexity: float | None = _key("the seed's validation perplexity for MA separation", None)
+    convergence_speed: float | None = _key("the seed's '% faster' convergence", None)
+    reproducibility: str | None = _key("the seed's reproducibility claim", None)
 
 
 @_frozen
 class Checkpoint:
-    directory: str = "checkpoints"
-    interval_steps: int = 100
-    max_to_keep: int = 3
+    directory: str = _key(
+        "where maxjax.train writes checkpoints and metrics.jsonl (--checkpoint-dir overrides) "
+        "(maxjax)",
+        "checkpoints",
+    )
+    interval_steps: int = _key("steps between checkpoints, also at the last step (maxjax)", 100)
+    max_to_keep: int = _key("newest checkpoints kept (maxjax)", 3)
 
 
 @_frozen
 class Config:
-    model: Model
-    moe: MoE
-    sequence: Sequence_
-    hardware: Hardware
-    nodes: Nodes
-    ma_separation: MASeparation
-    training: Training
-    optimizer: Optimizer
-    schedule: Schedule
-    baselines: Baselines = Baselines()
-    validation: Validation = Validation()
-    checkpoint: Checkpoint = Checkpoint()
+    model: Model = _key("the transformer (seed 4.1)")
+    moe: MoE = _key("the MoE layers (seed 4.1)")
+    sequence: Sequence_ = _key("sequence shape and batch (seed 4.1)")
+    hardware: Hardware = _key("the system (seed 4.2)")
+    nodes: Nodes = _key("the nodes (seed 4.2)")
+    ma_separation: MASeparation = _key("the attention and expert pools (seed 4.3)")
+    training: Training = _key("data and run settings (seed 6)")
+    optimizer: Optimizer = _key("AdamW (seed 6)")
+    schedule: Schedule = _key("learning-rate schedule (seed 6)")
+    baselines: Baselines = _key("degrees of the Table 1 baselines (maxjax)", Baselines())
+    validation: Validation = _key("the seed's reported results, not settings", Validation())
+    checkpoint: Checkpoint = _key("checkpointing of maxjax.train (maxjax)", Checkpoint())
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (lists for tuples), the inverse of `config_from_dict`."""
@@ -380,6 +460,19 @@ def validate(cfg: Config) -> None:
 
     # Device layout.
     total = cfg.hardware.total_gpus
+    nodes = cfg.nodes.gpu_mapping
+    expected_nodes = [f"node_{i}" for i in range(len(nodes))]
+    unknown = sorted(set(nodes) - set(expected_nodes))
+    _check(
+        not unknown,
+        f"nodes.gpu_mapping.{unknown[0]}" if unknown else "nodes.gpu_mapping",
+        "unknown node name; the nodes must be named node_0, node_1, ... in order",
+    )
+    _check(
+        len({len(devs) for devs in nodes.values()}) <= 1,
+        "nodes.gpu_mapping",
+        "every node must hold the same number of devices",
+    )
     mapped = [d for devs in cfg.nodes.gpu_mapping.values() for d in devs]
     _check(
         sorted(mapped) == list(range(total)) if mapped else True,
@@ -481,6 +574,12 @@ def validate(cfg: Config) -> None:
         f"must be one of {TRANSPORT_CHOICES}, got {cfg.ma_separation.transport!r}",
     )
     b = cfg.baselines
+    _check(
+        seq.batch_size % cfg.ma_separation.microbatches == 0,
+        "ma_separation.microbatches",
+        f"must divide sequence.batch_size = {seq.batch_size} (equal micro-batches), "
+        f"got {cfg.ma_separation.microbatches}",
+    )
     _check(
         total % (b.tensor_parallel) == 0,
         "baselines.tensor_parallel",
@@ -586,26 +685,225 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
 def resolve_config_path(path: str | Path) -> Path:
     """Find a config by path, or by name in the repository's configs/ ('tiny', 'paper.yaml')."""
     p = Path(path)
-    if p.exists():
-        return p
-    for candidate in (CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml"):
-        if candidate.exists():
-            return candidate
-    raise ConfigError("<path>", f"config file {str(path)!r} does not exist")
+    if not p.exists():
+        p = next((c for c in (CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml") if c.is_file()), p)
+    if not p.exists():
+        raise ConfigError("<path>", f"config file {str(path)!r} does not exist")
+    if p.is_dir():
+        raise ConfigError("<path>", f"config path {str(path)!r} is a directory, not a YAML file")
+    return p
+
+
+BASE_KEY = "base"
+
+
+def _label(path: Path) -> str:
+    """`path` relative to the working directory when it lies below it, else absolute."""
+    resolved = path.resolve()
+    try:
+        return str(resolved.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(resolved)
+
+
+def _leaf_sources(data: Mapping[str, Any], source: str, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(_leaf_sources(value, source, f"{dotted}."))
+        else:
+            out[dotted] = source
+    return out
+
+
+def _merged(base: Mapping[str, Any], child: Mapping[str, Any]) -> dict[str, Any]:
+    """`child` over `base`: mappings merge key by key, every other value replaces."""
+    out = dict(base)
+    for key, value in child.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    label = _label(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        reason = " ".join(str(e).split())
+        raise ConfigError("<file>", f"{label} is not valid YAML ({reason})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError("<file>", f"{label} cannot be read ({e})") from None
+    if data is None:
+        raise ConfigError("<file>", f"{label} is empty")
+    if not isinstance(data, Mapping):
+        raise ConfigError("<root>", f"{label} must be a mapping of sections")
+    return dict(data)
+
+
+def read_config_file(
+    path: str | Path, _chain: tuple[Path, ...] = ()
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """(data, sources) of a YAML config with its `base:` chain resolved.
+
+    `base: other.yaml` (relative to the file) names the config this one starts from; its keys
+    are overridden by this file's. Chains are allowed, cycles are refused. `sources` maps each
+    dotted leaf key to the file that set it.
+    """
+    p = resolve_config_path(path) if not _chain else Path(path)
+    resolved = p.resolve()
+    if resolved in _chain:
+        cycle = " -> ".join(_label(c) for c in (*_chain, resolved))
+        raise _with_source(
+            ConfigError(BASE_KEY, f"the bases form a cycle ({cycle})"), _label(_chain[-1])
+        )
+    data = _read_yaml(p)
+    base = data.pop(BASE_KEY, None)
+    sources = _leaf_sources(data, _label(p))
+    if base is None:
+        return data, sources
+    if not isinstance(base, str) or not base:
+        raise _with_source(ConfigError(BASE_KEY, f"must name a YAML file, got {base!r}"), _label(p))
+    base_path = p.parent / base
+    if not base_path.is_file():
+        problem = "does not exist" if not base_path.exists() else "is not a file"
+        raise _with_source(
+            ConfigError(BASE_KEY, f"base file {str(base_path)!r} {problem}"), _label(p)
+        )
+    base_data, base_sources = read_config_file(base_path, (*_chain, resolved))
+    return _merged(base_data, data), {
+        **{k: v for k, v in base_sources.items() if not _shadowed(k, data)},
+        **sources,
+    }
+
+
+def _shadowed(dotted: str, data: Mapping[str, Any]) -> bool:
+    """Whether `data` replaces the leaf `dotted` (it sets that key or a non-mapping above it)."""
+    node: Any = data
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return False
+        node = node[part]
+        if not isinstance(node, Mapping):
+            return True
+    return True
+
+
+def _source_of(key: str, sources: Mapping[str, str], default: str) -> str:
+    """The file that set `key` (or the nearest key above or below it), else `default`."""
+    if key in sources:
+        return sources[key]
+    parts = key.split(".")
+    for depth in range(len(parts) - 1, 0, -1):
+        if ".".join(parts[:depth]) in sources:
+            return sources[".".join(parts[:depth])]
+    below = sorted(k for k in sources if k.startswith(f"{key}."))
+    return sources[below[0]] if below else default
+
+
+def _with_source(error: ConfigError, source: str) -> ConfigError:
+    located = ConfigError(error.key, error.rule)
+    located.args = (f"{source}: {error}",)
+    located.source = source
+    return located
+
+
+def load_config_with_sources(
+    path: str | Path, overrides: Sequence[str] = ()
+) -> tuple[Config, dict[str, str]]:
+    """(config, sources): `sources` maps each dotted key to the file (or '--set') that set it."""
+    data, sources = read_config_file(path)
+    top = _label(resolve_config_path(path))
+    try:
+        merged = apply_overrides(data, overrides)
+    except ConfigError as e:
+        raise _with_source(e, "--set") from None
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        sources = {k: v for k, v in sources.items() if k != key and not k.startswith(f"{key}.")}
+        sources[key] = "--set"
+    try:
+        return config_from_dict(merged), sources
+    except ConfigError as e:
+        raise _with_source(e, _source_of(e.key, sources, top)) from None
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
-    """Load a YAML config, apply dotted overrides, and validate it."""
-    p = resolve_config_path(path)
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError("<file>", f"{p} is not valid YAML ({e})") from None
-    if data is None:
-        raise ConfigError("<file>", f"{p} is empty")
-    return config_from_dict(apply_overrides(data, overrides))
+    """Load a YAML config (resolving `base:`), apply dotted overrides, and validate it.
+
+    Errors name the file (or '--set') that set the offending key.
+    """
+    return load_config_with_sources(path, overrides)[0]
 
 
 def with_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
     """A validated copy of `cfg` with dotted overrides applied."""
     return config_from_dict(apply_overrides(cfg.to_dict(), overrides))
+
+
+def key_docs(cls: type = Config, prefix: str = "") -> dict[str, str]:
+    """Every dotted config key (sections and leaves) with its meaning, in definition order."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        dotted = f"{prefix}{f.name}"
+        out[dotted] = f.metadata.get("doc", "")
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.update(key_docs(hints[f.name], f"{dotted}."))
+    return out
+
+
+def _flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _yaml_scalar(value: Any) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True, allow_unicode=True, width=10**6)
+    return text.strip().removesuffix("...").strip()
+
+
+def describe(cfg: Config, sources: Mapping[str, str]) -> str:
+    """The resolved config, one `key: value  # source` line per leaf (source 'default' if unset)."""
+    lines = [f"{key}: {_yaml_scalar(value)}" for key, value in _flat(cfg.to_dict()).items()]
+    width = min(60, max(len(line) for line in lines))
+    return "\n".join(
+        f"{line.ljust(width)}  # {_source_of(line.split(':', 1)[0], sources, 'default')}"
+        for line in lines
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m maxjax.config PATH [--set KEY=VALUE ...]`: print the resolved config."""
+    import argparse
+    import os
+    import sys
+
+    parser = argparse.ArgumentParser(
+        prog="python -m maxjax.config",
+        description="Print a config with its bases resolved, each value with the file that set it.",
+    )
+    parser.add_argument("config", help="YAML config (path or name in configs/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    try:
+        cfg, sources = load_config_with_sources(args.config, args.overrides)
+    except ConfigError as e:
+        if os.environ.get("MAXJAX_DEBUG") == "1":
+            raise
+        print(f"maxjax.config: error: {e}", file=sys.stderr)
+        return 1
+    print(describe(cfg, sources))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

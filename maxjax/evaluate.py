@@ -23,12 +23,19 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from maxjax import model
-from maxjax.checkpoint import CheckpointError, CheckpointStore, read_config
+from maxjax.checkpoint import CheckpointError, CheckpointStore, read_config, read_json_item
 from maxjax.config import Config, ConfigError, config_from_dict
 from maxjax.data import DataError, validation_batches
 from maxjax.model import ops
 from maxjax.optim import make_optimizer
-from maxjax.parallel import STRATEGIES, DeviceError, Runner, TrainState, make_runner
+from maxjax.parallel import (
+    STRATEGIES,
+    DeviceError,
+    Runner,
+    TrainState,
+    check_strategy,
+    make_runner,
+)
 
 # --- starting JAX ---------------------------------------------------------------------------
 
@@ -119,9 +126,8 @@ def default_strategy(checkpoint_dir: str | Path, step: int | None = None) -> str
     """The strategy that wrote the checkpoint if it is available here, else 'single'."""
     try:
         s, _ = read_config(checkpoint_dir, step)
-        meta = json.loads((Path(checkpoint_dir) / str(s) / "meta" / "metadata").read_text())
-        strategy = meta.get("strategy", "single")
-    except (CheckpointError, OSError, json.JSONDecodeError):
+        strategy = read_json_item(checkpoint_dir, s, "meta").get("strategy", "single")
+    except Exception:  # noqa: BLE001 - an unreadable meta item: the default strategy
         strategy = "single"
     return strategy if strategy in STRATEGIES else "single"
 
@@ -175,6 +181,16 @@ def evaluate(
 USER_ERRORS = (ConfigError, DataError, DeviceError, CheckpointError)
 
 
+def debugging() -> bool:
+    """MAXJAX_DEBUG=1: let a refused run end with its traceback instead of one line."""
+    return os.environ.get("MAXJAX_DEBUG") == "1"
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line (library messages may span several)."""
+    return " ".join(str(error).split())
+
+
 def quiet_libraries() -> None:
     """Keep orbax's and absl's progress logs off stderr, which carries only our messages."""
     import absl.logging
@@ -199,10 +215,15 @@ def main(argv: list[str] | None = None) -> int:
                 "--strategy", f"{args.strategy!r} is not available; choose one of {STRATEGIES}"
             )
         _, data = read_config(args.checkpoint_dir, args.step)
-        setup_jax(config_from_dict(data))
+        cfg = config_from_dict(data)
+        strategy = args.strategy or default_strategy(args.checkpoint_dir, args.step)
+        check_strategy(cfg, strategy, cfg.sequence.batch_size)
+        setup_jax(cfg)
         result = evaluate(args.checkpoint_dir, args.step, args.strategy, args.batches)
     except USER_ERRORS as e:
-        print(f"maxjax.evaluate: error: {e}", file=sys.stderr)
+        if debugging():
+            raise
+        print(f"maxjax.evaluate: error: {one_line(e)}", file=sys.stderr)
         return 1
     print(
         f"step {result['step']}: validation loss {result['val_loss']:.4f}, "

@@ -1,7 +1,7 @@
 """Train the MoE transformer, resuming from the newest checkpoint of the run's directory.
 
     python -m maxjax.train [--config PATH] [--strategy ma|single|...] [--steps N]
-                           [--checkpoint-dir DIR] [--set KEY=VALUE ...]
+                           [--checkpoint-dir DIR] [--set KEY=VALUE ...] [--allow-config-change]
 
 Defaults: configs/tiny.yaml, strategy "ma", steps = schedule.total_steps, DIR =
 checkpoint.directory. Without an accelerator JAX emulates `hardware.total_gpus` CPU devices.
@@ -14,7 +14,12 @@ Every checkpoint.interval_steps (and at the end) a checkpoint is written in the 
 
 Running the same command again continues from the newest complete checkpoint with the same data
 order and dropout keys, so its losses equal those of a run that never stopped; metrics.jsonl
-lines after the restored step are dropped first. On a cluster the same command runs once per
+lines after the restored step are dropped first. A resume whose batch, sequence length, data
+source or model differs from the checkpoint's config stops with one line naming the difference
+(`--allow-config-change` accepts it). Only finite parameters and optimizer states are saved (one
+on-device check per save); a non-finite loss, gradient norm or state stops the run with one line
+naming the newest good checkpoint, which a resume uses. Refused input ends with one line on stderr
+(MAXJAX_DEBUG=1 shows the traceback instead). On a cluster the same command runs once per
 host (see tutorials/cluster.md).
 """
 
@@ -33,29 +38,48 @@ import numpy as np
 from tqdm import tqdm
 
 from maxjax import model
-from maxjax.checkpoint import CheckpointStore
-from maxjax.config import Config, ConfigError, load_config
+from maxjax.checkpoint import CheckpointStore, all_finite
+from maxjax.config import Config, load_config
 from maxjax.data import TokenBatches, validation_batches
 from maxjax.evaluate import (
     USER_ERRORS,
     data_shard,
+    debugging,
     global_batch,
+    one_line,
     perplexity,
     quiet_libraries,
     setup_jax,
     validation_loss,
 )
 from maxjax.optim import learning_rate_schedule, make_optimizer
-from maxjax.parallel import STRATEGIES, make_runner
+from maxjax.parallel import check_strategy, make_runner
 
 DEFAULT_CONFIG = "configs/tiny.yaml"
 DEFAULT_STRATEGY = "ma"
 # Keys whose change between runs does not change what a resumed run computes.
 _HARMLESS_CHANGES = ("checkpoint.", "training.log_interval", "training.validation_")
+# Keys that define the run: changing them on resume changes the batches or the model, so a
+# resume refuses unless --allow-config-change is given.
+_RUN_DEFINING = (
+    "sequence.",
+    "model.",
+    "moe.",
+    "training.source",
+    "training.data_dir",
+    "training.data_files",
+    "training.validation_split",
+    "training.vocab_size",
+    "training.seed",
+)
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. the loss stopped being finite)."""
+
+
+class ResumeError(RuntimeError):
+    """The checkpoint to resume from was written by a run with another batch, data or model."""
 
 
 def _note(message: str) -> None:
@@ -86,6 +110,44 @@ def _changed_keys(saved: dict[str, Any], cfg: Config) -> list[str]:
         for k in old.keys() | new.keys()
         if old.get(k) != new.get(k) and not k.startswith(_HARMLESS_CHANGES)
     )
+
+
+def _check_resume(saved: dict[str, Any], cfg: Config, step: int, directory: Path) -> list[str]:
+    """Raise ResumeError if the run-defining keys differ from the checkpoint's; return the
+    other changed keys."""
+    changed = _changed_keys(saved, cfg)
+    old, new = _flatten(saved), _flatten(cfg.to_dict())
+    defining = [k for k in changed if k.startswith(_RUN_DEFINING)]
+    if defining:
+        shown = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in defining[:4])
+        more = f" and {len(defining) - 4} more" if len(defining) > 4 else ""
+        raise ResumeError(
+            f"the checkpoint of step {step} in {directory} was written with another batch, data "
+            f"or model ({shown}{more}); resuming would not continue that run. Pass "
+            "--allow-config-change to resume anyway, or use another --checkpoint-dir"
+        )
+    return changed
+
+
+def _stop_line(
+    problem: str, step: int, store: CheckpointStore, directory: Path, producer: int | None = None
+) -> str:
+    """One line: what is not finite at `step`, and the newest good checkpoint (a resume's start).
+
+    `producer`: the step whose parameters produced the non-finite loss or gradient; its
+    checkpoint, if any, is moved to DIR/damaged so that a resume does not start from it.
+    """
+    store.wait()
+    moved = ""
+    if producer is not None and producer in store.steps():
+        moved = f" Its checkpoint was moved to {store.set_aside(producer)}."
+    kept = store.steps()
+    where = (
+        f"The newest good checkpoint is step {kept[-1]} in {directory}; a resume starts there"
+        if kept
+        else "No good checkpoint is left; a resume starts from scratch"
+    )
+    return f"{problem}; stopped without saving step {step}.{moved} {where}."
 
 
 class MetricsLog:
@@ -145,19 +207,24 @@ def train(
     steps: int | None = None,
     checkpoint_dir: str | Path | None = None,
     progress: bool = True,
+    allow_config_change: bool = False,
 ) -> dict[str, Any]:
     """Train to step `steps` (default schedule.total_steps), resuming from `checkpoint_dir`.
 
     Returns {step, first_loss, last_loss, val_loss, val_perplexity, history, checkpoint_dir,
-    wall_seconds}; `history` holds the metrics.jsonl records of this call. Raises TrainingError
-    if the loss becomes NaN or infinite (the last good checkpoint stays the newest).
+    wall_seconds}; `history` holds the metrics.jsonl records of this call.
+
+    Raises TrainingError when the loss, the gradient norm or (checked before every save, on the
+    devices) the parameters and optimizer state stop being finite: only finite states are ever
+    saved. The loss logged at step s comes from the parameters of step s - 1: a non-finite loss
+    or gradient at step s stops before step s is saved and moves the checkpoint of step s - 1
+    (the parameters that produced it) to DIR/damaged, so a resume starts from a checkpoint
+    whose parameters gave finite losses and gradients. Raises ResumeError when resuming from a
+    checkpoint written with another batch, data source or model, unless `allow_config_change`.
     """
     steps = steps or cfg.schedule.total_steps
     directory = Path(checkpoint_dir or cfg.checkpoint.directory)
-    if strategy not in STRATEGIES:
-        raise ConfigError(
-            "--strategy", f"{strategy!r} is not available; choose one of {STRATEGIES}"
-        )
+    check_strategy(cfg, strategy, cfg.sequence.batch_size)
     if cfg.training.gradient_checkpointing:
         _warn("training.gradient_checkpointing is set, but the runners do not rematerialise yet")
     train_data = TokenBatches(cfg, "train", **data_shard())
@@ -169,9 +236,12 @@ def train(
 
     if store.steps():
         start, exported, meta, saved_cfg = store.restore(model.abstract_params(cfg), warn=_warn)
+        if allow_config_change:
+            changed = _changed_keys(saved_cfg, cfg)
+        else:
+            changed = _check_resume(saved_cfg, cfg, start, directory)
         for damaged in [s for s in store.steps() if s > start]:
             _warn(f"moved damaged checkpoint of step {damaged} to {store.set_aside(damaged)}")
-        changed = _changed_keys(saved_cfg, cfg)
         if changed:
             _warn(f"resuming with config changes in {', '.join(changed)}")
         state = runner.import_train_state(exported, start, tx)
@@ -182,6 +252,15 @@ def train(
     log = MetricsLog(directory / "metrics.jsonl", keep_through=state.step)
 
     def save() -> None:
+        if not all_finite((state.params, state.opt_state)):
+            raise TrainingError(
+                _stop_line(
+                    f"the parameters or optimizer state of step {state.step} are not finite",
+                    state.step,
+                    store,
+                    directory,
+                )
+            )
         meta = {"data": train_data.state(), "seed": cfg.training.seed, "strategy": strategy}
         store.save(state.step, runner.export_train_state(state), meta, cfg.to_dict())
 
@@ -204,15 +283,17 @@ def train(
             state, metrics = runner.train_step(state, tokens, tx, rng)
             record = {"step": state.step, **_host_metrics(metrics)}
             seconds = time.perf_counter() - t0
-            if not math.isfinite(record["loss"]):
-                store.wait()
-                kept = store.steps()
+            bad = [k for k in ("loss", "grad_norm") if not math.isfinite(record.get(k, 0.0))]
+            if bad:
+                values = ", ".join(f"{k} {record[k]}" for k in bad)
                 raise TrainingError(
-                    f"loss became {record['loss']} at step {state.step}; stopped. "
-                    + (
-                        f"The newest good checkpoint is step {kept[-1]} in {directory}."
-                        if kept
-                        else "No checkpoint was written yet."
+                    _stop_line(
+                        f"{values} at step {state.step} (computed from the parameters of "
+                        f"step {step})",
+                        state.step,
+                        store,
+                        directory,
+                        producer=step,
                     )
                 )
             record["learning_rate"] = float(lr_at(step))
@@ -278,14 +359,28 @@ def main(argv: list[str] | None = None) -> int:
         help="override a config value, e.g. --set optimizer.learning_rate=1e-3",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume even if batch size, sequence length, data or model differ from the checkpoint",
+    )
     args = parser.parse_args(argv)
     quiet_libraries()
     try:
         cfg = load_config(args.config, args.overrides)
         setup_jax(cfg)
-        summary = train(cfg, args.strategy, args.steps, args.checkpoint_dir, not args.no_progress)
-    except (*USER_ERRORS, TrainingError) as e:
-        print(f"maxjax.train: error: {e}", file=sys.stderr)
+        summary = train(
+            cfg,
+            args.strategy,
+            args.steps,
+            args.checkpoint_dir,
+            not args.no_progress,
+            args.allow_config_change,
+        )
+    except (*USER_ERRORS, TrainingError, ResumeError) as e:
+        if debugging():
+            raise
+        print(f"maxjax.train: error: {one_line(e)}", file=sys.stderr)
         return 1
     if jax.process_index() == 0:
         losses = (

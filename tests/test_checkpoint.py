@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import builtins
+import concurrent.futures
+import math
+import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 from _train_helpers import (
+    FAST,
     REPO,
     one_error_line,
     subprocess_env,
@@ -16,9 +24,12 @@ from _train_helpers import (
     use_compile_cache,
 )
 
-from maxjax import evaluate, train
-from maxjax.checkpoint import CheckpointStore
-from maxjax.parallel import STRATEGIES
+import maxjax
+from maxjax import checkpoint, evaluate, model, train
+from maxjax.checkpoint import CheckpointStore, all_finite
+from maxjax.config import load_config
+from maxjax.optim import make_optimizer
+from maxjax.parallel import STRATEGIES, make_runner
 
 compile_cache = pytest.fixture(scope="module", autouse=True)(use_compile_cache)
 
@@ -31,9 +42,9 @@ def run8(tmp_path_factory):
     return directory
 
 
-def _snapshot(directory):
+def _snapshot(directory, times=False):
     return sorted(
-        (str(p.relative_to(directory)), p.stat().st_size)
+        (str(p.relative_to(directory)), p.stat().st_size, p.stat().st_mtime_ns if times else 0)
         for p in directory.rglob("*")
         if p.is_file()
     )
@@ -81,12 +92,70 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(run8, tmp_path, ca
     assert CheckpointStore(directory, create=False).steps() == [4, 8]
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
-    argv = train_argv(tmp_path, 8, "optimizer.learning_rate=1e30", "checkpoint.interval_steps=2")
+def _restored_is_finite(directory, step):
+    store = CheckpointStore(directory, create=False)
+    try:
+        cfg = load_config("tiny", FAST)
+        restored_step, exported, _, _ = store.restore(model.abstract_params(cfg), step)
+    finally:
+        store.close()
+    leaves = [exported[k] for k in ("params", "mu", "nu")]
+    return restored_step == step and all(
+        np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(leaves)
+    )
+
+
+def test_non_finite_step_stops_and_resume_uses_a_finite_checkpoint(tmp_path, capsys):
+    """lr 1e30: warmup gives step 1 a learning rate of 0 and step 2 one of 5e29, so the
+    parameters after step 2 are about 5e29 (finite in float32) and the forward and backward of
+    step 3 overflow. Step 3 must not be saved, and the checkpoint of step 2 holds the parameters
+    that produced the overflow: it is moved aside, and step 1 is the newest good checkpoint."""
+    argv = train_argv(tmp_path, 8, "optimizer.learning_rate=1e30", "checkpoint.interval_steps=1")
     assert train.main(argv) == 1
     line = one_error_line(capsys.readouterr().err, "maxjax.train: error:")
-    assert "loss became nan at step" in line and "newest good checkpoint is step 2" in line
-    assert CheckpointStore(tmp_path, create=False).steps() == [2]
+    assert "at step 3 (computed from the parameters of step 2)" in line
+    assert "stopped without saving step 3" in line and "newest good checkpoint is step 1" in line
+    assert CheckpointStore(tmp_path, create=False).steps() == [1]
+    assert (tmp_path / "damaged" / "2").is_dir()
+    assert _restored_is_finite(tmp_path, 1)
+
+    # With a sane learning rate (a change that keeps batches and model) the run goes on.
+    assert train.main(train_argv(tmp_path, 4, "checkpoint.interval_steps=1")) == 0
+    assert "resumed from the checkpoint of step 1" in capsys.readouterr().out
+    assert [s for s, _ in train_losses(tmp_path)] == [1, 2, 3, 4]
+    assert all(math.isfinite(loss) for _, loss in train_losses(tmp_path))
+
+
+def test_a_checkpoint_with_non_finite_values_is_skipped_on_restore(run8, tmp_path, capsys):
+    directory = tmp_path / "run"
+    shutil.copytree(run8, directory)
+    cfg = load_config("tiny", FAST)
+    store = CheckpointStore(directory)
+    _, exported, meta, saved_cfg = store.restore(model.abstract_params(cfg), 8)
+    kernel = np.array(exported["params"]["lm_head"]["kernel"])
+    kernel[0, 0] = np.nan
+    exported["params"]["lm_head"]["kernel"] = kernel
+    store.save(12, exported, {k: v for k, v in meta.items() if k != "step"}, saved_cfg)
+    store.wait()
+    store.close()
+
+    assert evaluate.evaluate(directory)["step"] == 8
+    assert "step 12 is damaged (its params hold non-finite values)" in capsys.readouterr().err
+    assert train.main(train_argv(directory, 8)) == 0
+    assert "moved damaged checkpoint of step 12" in capsys.readouterr().err
+    assert CheckpointStore(directory, create=False).steps() == [4, 8]
+
+
+def test_resume_with_allow_config_change_accepts_a_changed_seed(run8, tmp_path, capsys):
+    directory = tmp_path / "run"
+    shutil.copytree(run8, directory)
+    argv = train_argv(directory, 9, "training.seed=1")
+    assert train.main(argv) == 1
+    line = one_error_line(capsys.readouterr().err, "maxjax.train: error:")
+    assert "training.seed 0 -> 1" in line and "--allow-config-change" in line
+    assert train.main([*argv, "--allow-config-change"]) == 0
+    assert "resuming with config changes in training.seed" in capsys.readouterr().err
+    assert [s for s, _ in train_losses(directory)][-1] == 9
 
 
 @pytest.mark.parametrize(
@@ -121,3 +190,229 @@ def test_too_few_devices_is_one_line(tmp_path):
     assert result.returncode == 1
     line = one_error_line(result.stderr, "maxjax.train: error:")
     assert "needs 16 devices" in line and "JAX sees 4" in line
+
+
+def _bad_inputs(tmp_path):
+    """(name, arguments, expected words in the one line) of every refused input."""
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\xff\xfe\x00 not text")
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(
+        "".join(
+            f'{{"text": "document {i} says the number {i * 7} twice: {i * 7}."}}\n'
+            for i in range(200)
+        )
+    )
+    files = ["--set", "training.source=files", "--set"]
+    return [
+        (
+            "batch vs micro-batches",
+            ["--set", "sequence.batch_size=3", "--set", "sequence.total_tokens_per_batch=48"],
+            "ma_separation.microbatches': must divide sequence.batch_size = 3",
+        ),
+        (
+            "batch vs data parallelism",
+            ["--strategy", "pp"],
+            "strategy 'pp' splits the batch over data parallelism 8",
+        ),
+        ("config path is a directory", ["--config", str(tmp_path)], "is a directory"),
+        (
+            "unknown gpu_mapping key",
+            ["--set", "nodes.gpu_mapping.gpu_3=[12]"],
+            "'nodes.gpu_mapping.gpu_3': unknown node name",
+        ),
+        (
+            "pipeline degree vs layers",
+            ["--strategy", "pp", "--set", "model.layers=3"],
+            "pipeline_parallel = 2 must divide model.layers = 3",
+        ),
+        (
+            "missing data file",
+            [*files, "training.data_files=[/no/such.txt]"],
+            "data file '/no/such.txt' does not exist",
+        ),
+        ("unreadable data file", [*files, f"training.data_files=[{binary}]"], "not UTF-8 text"),
+        (
+            "data path is a directory",
+            [*files, f"training.data_files=[{tmp_path}]"],
+            "is not a regular file",
+        ),
+        ("empty corpus", [*files, f"training.data_files=[{empty}]"], "holds no non-empty document"),
+        (
+            "vocabulary smaller than the token ids",
+            ["--set", "training.vocab_size=50000"],
+            "must be at least 50257",
+        ),
+        (
+            "checkpoint of another model",
+            ["--set", "model.hidden_dim=128", "--set", "model.head_dim=4"],
+            "was written for a different model",
+        ),
+        (
+            "resume with another batch",
+            ["--set", "sequence.batch_size=8", "--set", "sequence.total_tokens_per_batch=128"],
+            "sequence.batch_size 4 -> 8",
+        ),
+        (
+            "resume with another sequence length",
+            ["--set", "sequence.length=8", "--set", "sequence.total_tokens_per_batch=32"],
+            "sequence.length 16 -> 8",
+        ),
+        (
+            "unsupported data file",
+            [*files, f"training.data_files=[{REPO / 'README.md'}]"],
+            "has an unsupported type",
+        ),
+        (
+            "resume with another data source",
+            [*files, f"training.data_files=[{corpus}]"],
+            "training.data_files [] -> [",
+        ),
+        (
+            "--set of an unknown key",
+            ["--set", "model.hidden_size=3"],
+            "'model.hidden_size': unknown key",
+        ),
+        ("unknown strategy", ["--strategy", "nonesuch"], "'nonesuch' is not available"),
+    ]
+
+
+def _run_cli(module, argv, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", module, *argv],
+        cwd=REPO,
+        env={**subprocess_env(), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_every_bad_input_is_one_line_and_leaves_the_checkpoints_intact(run8, tmp_path):
+    """Each refused command line: exit code 1, one stderr line naming the problem, and the
+    run's existing checkpoints untouched (file names, sizes and modification times). The
+    commands run two at a time: most of each one's time is importing JAX."""
+    before = _snapshot(run8, times=True)
+    cases = _bad_inputs(tmp_path)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(
+            pool.map(
+                lambda case: _run_cli("maxjax.train", [*train_argv(run8, 10), *case[1]]), cases
+            )
+        )
+    for (name, _, expected), result in zip(cases, results, strict=True):
+        assert result.returncode == 1, (name, result.stderr)
+        line = one_error_line(result.stderr, "maxjax.train: error:")
+        assert expected in line, (name, line)
+    assert _snapshot(run8, times=True) == before
+    for argv, expected in [
+        (["--checkpoint-dir", str(tmp_path / "nothing")], "does not exist"),
+        (["--checkpoint-dir", str(run8), "--strategy", "pp"], "splits the batch"),
+    ]:
+        result = _run_cli("maxjax.evaluate", argv)
+        assert result.returncode == 1
+        assert expected in one_error_line(result.stderr, "maxjax.evaluate: error:")
+    assert _snapshot(run8, times=True) == before
+
+
+def test_maxjax_debug_shows_the_traceback(tmp_path):
+    argv = ["--config", str(tmp_path), "--checkpoint-dir", str(tmp_path / "run")]
+    result = _run_cli("maxjax.train", argv, {"MAXJAX_DEBUG": "1"})
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr and "is a directory" in result.stderr
+
+
+_MAXJAX_DIR = str(Path(maxjax.__file__).resolve().parent)
+_PLUMBING = (
+    "pathlib",
+    "os.py",
+    "genericpath.py",
+    "posixpath.py",
+    "shutil.py",
+    "test_checkpoint.py",
+)
+
+
+class _StepDirectoryReads:
+    """Records every file-system access inside a checkpoint's step directories, split by
+    whether maxjax's own code made it (which must go through orbax) or a library did."""
+
+    def __init__(self, root: Path):
+        self.root = root.resolve()
+        self.by_maxjax: list[str] = []
+        self.by_libraries: list[str] = []
+
+    def see(self, path) -> None:
+        if isinstance(path, int):
+            return
+        try:
+            parts = Path(os.fspath(path)).resolve().relative_to(self.root).parts
+        except (TypeError, ValueError):
+            return
+        if len(parts) < 2 or not parts[0].isdigit():
+            return
+        frame = sys._getframe(2)
+        while frame and frame.f_code.co_filename.endswith(_PLUMBING):
+            frame = frame.f_back
+        caller = frame.f_code.co_filename if frame else ""
+        (self.by_maxjax if caller.startswith(_MAXJAX_DIR) else self.by_libraries).append(
+            f"{'/'.join(parts)} from {caller}"
+        )
+
+    def install(self, monkeypatch) -> None:
+        def watch(owner, name, first_is_self=False):
+            original = getattr(owner, name)
+
+            def watched(*args, **kwargs):
+                self.see(args[0] if args else kwargs.get("file", kwargs.get("path")))
+                return original(*args, **kwargs)
+
+            monkeypatch.setattr(owner, name, watched)
+
+        for name in ("open", "read_text", "read_bytes", "iterdir", "exists", "is_dir", "is_file"):
+            watch(Path, name)
+        watch(builtins, "open")
+        watch(os, "listdir")
+        watch(os, "scandir")
+
+
+def test_checkpoint_metadata_is_read_through_orbax_only(run8, monkeypatch):
+    reads = _StepDirectoryReads(run8)
+    reads.install(monkeypatch)
+    # The guard sees a read by path from maxjax's code (a file compiled under its name).
+    exec(
+        compile(
+            f"Path({str(run8)!r}, '8', 'config', 'metadata').exists()",
+            _MAXJAX_DIR + "/x.py",
+            "exec",
+        ),
+        {"Path": Path},
+    )
+    assert len(reads.by_maxjax) == 1
+    reads.by_maxjax.clear()
+
+    assert checkpoint.read_config(run8)[0] == 8
+    assert evaluate.default_strategy(run8) == "single"
+    cfg, _, state, meta = evaluate.restore(run8, step=4)
+    assert state.step == 4 and meta["strategy"] == "single"
+    assert reads.by_maxjax == []
+    assert reads.by_libraries, "orbax's own reads should pass through the watched calls"
+
+
+@pytest.mark.skipif("ma" not in STRATEGIES, reason="the MA separation runner is not registered")
+def test_all_finite_sees_a_nan_in_either_pool_of_the_ma_state():
+    cfg = load_config("tiny", FAST)
+    runner = make_runner(cfg, "ma")
+    state = runner.init_train_state(runner.init(0), make_optimizer(cfg))
+    assert all_finite((state.params, state.opt_state))
+    pools = runner.split_pools(state.params)
+    assert len(pools) == 2
+    for name, pool in pools.items():
+        leaves, treedef = jax.tree.flatten(pool)
+        devices = leaves[-1].sharding.device_set
+        leaves[-1] = leaves[-1].at[(0,) * leaves[-1].ndim].set(np.nan)
+        assert leaves[-1].sharding.device_set == devices
+        poisoned = {**pools, name: jax.tree.unflatten(treedef, leaves)}
+        assert not all_finite((poisoned, state.opt_state)), name

@@ -1,8 +1,15 @@
-"""Config loading: the seed's values, overrides, and one failing example per rule."""
+"""Config loading: the seed's values, overrides, inheritance, and one failing example per rule."""
+
+import re
+from pathlib import Path
 
 import pytest
+import yaml
 
+from maxjax import config
 from maxjax.config import ConfigError, load_config, with_overrides
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_paper_config_equals_the_seed(paper_cfg):
@@ -158,6 +165,14 @@ BAD = [
         "add up",
     ),
     ("hardware.total_gpus=20", "nodes.gpu_mapping", "every device"),
+    ("nodes.gpu_mapping.gpu_3=[16]", "nodes.gpu_mapping.gpu_3", "unknown node name"),
+    (
+        "nodes.gpu_mapping={node_0: [0,1,2,3,4,5], node_1: [6,7], node_2: [8,9,10,11], "
+        "node_3: [12,13,14,15]}",
+        "nodes.gpu_mapping",
+        "same number of devices",
+    ),
+    ("ma_separation.microbatches=3", "ma_separation.microbatches", "must divide"),
     ("moe.top_k=0", "moe.top_k", "1..experts_per_layer"),
     ("moe.top_k=17", "moe.top_k", "1..experts_per_layer"),
     ("optimizer.learning_rate=0", "optimizer.learning_rate", "positive"),
@@ -190,3 +205,82 @@ def test_bad_files(tmp_path):
     partial.write_text("model:\n  layers: 2\n")
     with pytest.raises(ConfigError, match="required"):
         load_config(partial)
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path)
+
+
+def test_tiny_states_only_what_differs_from_paper(paper_cfg, tiny_cfg):
+    text = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    assert text.pop("base") == "paper.yaml"
+    paper = config._flat(paper_cfg.to_dict())
+    tiny = config._flat(tiny_cfg.to_dict())
+    stated = config._flat(text)
+    assert stated and all(stated[k] != paper[k] for k in stated), "tiny.yaml repeats paper values"
+    assert {k for k in tiny if tiny[k] != paper[k]} == set(stated)
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_bases_chain_and_errors_name_the_file(tmp_path):
+    paper = (REPO / "configs" / "paper.yaml").resolve()
+    _write(tmp_path / "middle.yaml", f"base: {paper}\nmodel:\n  layers: 2\n")
+    child = _write(tmp_path / "child.yaml", "base: middle.yaml\nschedule:\n  total_steps: 9000\n")
+    cfg, sources = config.load_config_with_sources(child)
+    assert cfg.model.layers == 2 and cfg.schedule.total_steps == 9000
+    assert cfg.model.hidden_dim == 4096 and cfg.schedule.warmup_steps == 5000
+    assert sources["model.layers"].endswith("middle.yaml")
+    assert sources["schedule.total_steps"].endswith("child.yaml")
+    assert sources["model.hidden_dim"].endswith("paper.yaml")
+
+    bad = _write(tmp_path / "bad.yaml", "base: middle.yaml\nmodel:\n  layers: 0\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: config key 'model.layers': must be positive"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match=r"--set: config key 'model.layers': must be positive"):
+        load_config(child, ["model.layers=0"])
+    _write(tmp_path / "a.yaml", "base: b.yaml\n")
+    _write(tmp_path / "b.yaml", "base: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"b.yaml: config key 'base': the bases form a cycle"):
+        load_config(tmp_path / "a.yaml")
+    orphan = _write(tmp_path / "orphan.yaml", "base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match=r"orphan.yaml: config key 'base': base file .* does not"):
+        load_config(orphan)
+
+
+def test_config_command_prints_values_with_their_source(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert config.main(["configs/tiny.yaml", "--set", "training.seed=3"]) == 0
+    lines = {line.split(":", 1)[0]: line for line in capsys.readouterr().out.splitlines() if line}
+    assert re.search(r"model.hidden_dim: 256 +# configs/tiny.yaml$", lines["model.hidden_dim"])
+    assert re.search(r"model.layers: 4 +# configs/paper.yaml$", lines["model.layers"])
+    assert re.search(r"training.seed: 3 +# --set$", lines["training.seed"])
+    for key in (k for k in config.key_docs() if not _is_section(k)):
+        assert key in lines or any(k.startswith(f"{key}.") for k in lines), key
+    assert config.main(["configs"]) == 1
+    assert "is a directory" in capsys.readouterr().err
+
+
+def _is_section(key: str) -> bool:
+    return any(other.startswith(f"{key}.") for other in config.key_docs())
+
+
+def _documented_keys(markdown: str) -> set[str]:
+    """Dotted keys of the tables of tutorials/configs.md (section from the latest heading)."""
+    keys, section = set(), None
+    for line in markdown.splitlines():
+        if line.startswith("#"):
+            found = re.search(r"`([a-z_.]+)`", line)
+            section = found.group(1) if found else None
+        elif section and (row := re.match(r"\| `([a-z_.0-9]+)` \|", line)):
+            keys.add(f"{section}.{row.group(1)}")
+    return keys
+
+
+def test_every_key_has_its_meaning_in_config_py_and_in_the_tutorial():
+    docs = config.key_docs()
+    assert all(docs.values()), [k for k, v in docs.items() if not v]
+    leaves = {k for k in docs if not _is_section(k)}
+    markdown = (REPO / "tutorials" / "configs.md").read_text()
+    assert _documented_keys(markdown) == leaves

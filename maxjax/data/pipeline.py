@@ -127,7 +127,12 @@ def _load_corpus(source_key: tuple) -> _Corpus:
         arrays.append(ids)
         scores.append(validation_score(text))
     if not arrays:
-        raise DataError(f"the data source {source_key} holds no non-empty document")
+        where = (
+            "the embedded corpus"
+            if source_key[0] == "embedded"
+            else "training.data_files (" + ", ".join(path for path, _, _ in source_key[1]) + ")"
+        )
+        raise DataError(f"{where} holds no non-empty document (an empty corpus)")
     return _Corpus(
         tokens=np.concatenate(arrays),
         document_lengths=np.array([len(a) for a in arrays], dtype=np.int64),

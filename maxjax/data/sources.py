@@ -63,6 +63,8 @@ def expand_paths(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
             raise DataError(f"data file {str(path)!r} does not exist")
         if not path.is_file():
             raise DataError(f"data file {str(path)!r} is not a regular file")
+        if not os.access(path, os.R_OK):
+            raise DataError(f"data file {str(path)!r} cannot be read (permission denied)")
         if not path.name.endswith(SUPPORTED_SUFFIXES):
             raise DataError(
                 f"data file {str(path)!r} has an unsupported type; "
@@ -103,6 +105,8 @@ def _documents_of_file(path: Path) -> Iterator[str]:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except (gzip.BadGzipFile, EOFError) as e:
         raise DataError(f"{path}: not a valid gzip file ({e})") from None
+    except OSError as e:
+        raise DataError(f"data file {str(path)!r} cannot be read ({e.strerror or e})") from None
 
 
 def file_documents(paths: Sequence[str | os.PathLike[str]]) -> Iterator[str]:

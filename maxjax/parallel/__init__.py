@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from maxjax.config import Config
+from maxjax.config import Config, ConfigError
 from maxjax.parallel.mesh import DeviceError
 from maxjax.parallel.runner import LayoutReport, Runner, TrainState
 from maxjax.parallel.single import SingleRunner
@@ -21,8 +21,71 @@ from maxjax.parallel.single import SingleRunner
 STRATEGIES = ("single", "ma", "tp", "pp", "tp_pp")
 
 
+def check_strategy(cfg: Config, strategy: str, batch: int | None = None) -> None:
+    """Raise ConfigError if `strategy` is unknown or cannot run `cfg` (no devices needed).
+
+    The rules that depend on the strategy: its tensor and pipeline degrees divide the heads,
+    experts and layers, and a batch of `batch` sequences (if given) splits into whole rows per
+    data-parallel group and micro-batch.
+    """
+    if strategy not in STRATEGIES:
+        raise ConfigError(
+            "--strategy", f"{strategy!r} is not available; choose one of {STRATEGIES}"
+        )
+    if strategy == "ma":
+        parts = cfg.ma_separation.microbatches
+        if batch is not None and batch % parts:
+            raise ConfigError(
+                "sequence.batch_size",
+                f"{batch} does not split into ma_separation.microbatches = {parts} "
+                "equal micro-batches",
+            )
+        return
+    if strategy == "single":
+        return
+    split = strategy.split("_")
+    tp = cfg.baselines.tensor_parallel if "tp" in split else 1
+    pp = cfg.baselines.pipeline_parallel if "pp" in split else 1
+    total, layers = cfg.hardware.total_gpus, cfg.model.layers
+    rules = [
+        (
+            total % (tp * pp) == 0,
+            "baselines.pipeline_parallel",
+            f"tp x pp = {tp * pp} must divide the {total} devices",
+        ),
+        (
+            cfg.model.attention_heads % tp == 0,
+            "baselines.tensor_parallel",
+            f"tensor_parallel = {tp} must divide model.attention_heads = "
+            f"{cfg.model.attention_heads}",
+        ),
+        (
+            cfg.moe.experts_per_layer % tp == 0,
+            "baselines.tensor_parallel",
+            f"tensor_parallel = {tp} must divide moe.experts_per_layer = "
+            f"{cfg.moe.experts_per_layer}",
+        ),
+        (
+            layers % pp == 0,
+            "baselines.pipeline_parallel",
+            f"pipeline_parallel = {pp} must divide model.layers = {layers}",
+        ),
+    ]
+    for ok, key, rule in rules:
+        if not ok:
+            raise ConfigError(key, f"strategy {strategy!r}: {rule}")
+    data, parts = total // (tp * pp), cfg.baselines.microbatches
+    if batch is not None and batch % (data * parts):
+        raise ConfigError(
+            "sequence.batch_size",
+            f"strategy {strategy!r} splits the batch over data parallelism {data} x "
+            f"micro-batches {parts} = {data * parts}; {batch} is not a multiple of it",
+        )
+
+
 def make_runner(cfg: Config, strategy: str) -> Runner:
-    """The runner of `strategy` for `cfg` (raises ValueError for an unknown strategy)."""
+    """The runner of `strategy` for `cfg` (ConfigError if the strategy cannot run `cfg`)."""
+    check_strategy(cfg, strategy)
     if strategy == "single":
         return SingleRunner(cfg)
     if strategy == "ma":
@@ -36,4 +99,12 @@ def make_runner(cfg: Config, strategy: str) -> Runner:
     raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
 
 
-__all__ = ["STRATEGIES", "DeviceError", "LayoutReport", "Runner", "TrainState", "make_runner"]
+__all__ = [
+    "STRATEGIES",
+    "check_strategy",
+    "DeviceError",
+    "LayoutReport",
+    "Runner",
+    "TrainState",
+    "make_runner",
+]
