@@ -36,6 +36,7 @@ from maxjax.parallel import (
     check_strategy,
     make_runner,
 )
+from maxjax.parallel.mesh import enable_cross_process_transfers
 
 # --- starting JAX ---------------------------------------------------------------------------
 
@@ -48,6 +49,7 @@ def init_distributed() -> bool:
     auto-detection (`jax.distributed.initialize()` with no arguments).
     """
     env = os.environ
+    enable_cross_process_transfers(env.get("MAXJAX_COORDINATOR_ADDRESS"))
     if "MAXJAX_COORDINATOR_ADDRESS" in env:
         jax.distributed.initialize(
             coordinator_address=env["MAXJAX_COORDINATOR_ADDRESS"],

@@ -77,3 +77,28 @@ def replicate(x: jax.Array, mesh: Mesh) -> jax.Array:
     devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
     copies = jax.device_put([source] * len(devices), devices)
     return jax.make_array_from_single_device_arrays(x.shape, target, copies, dtype=x.dtype)
+
+
+def enable_cross_process_transfers(coordinator_address: str | None = None) -> None:
+    """Let `jax.device_put` copy between devices of different processes (the pieces that cross
+    between the pools do, when the pools sit on different hosts). JAX's cross-host transfers
+    listen on `jax_cross_host_transfer_socket_address`; unless it is set (or MAXJAX_TRANSFER_ADDRESS
+    gives one), this picks a free port on the address the coordinator reaches this host by
+    (loopback when the coordinator is local). Call before `jax.distributed.initialize`."""
+    import os
+    import socket
+
+    from jax._src import xla_bridge
+
+    if xla_bridge.CROSS_HOST_TRANSFER_SOCKET_ADDRESS.value:
+        return
+    address = os.environ.get("MAXJAX_TRANSFER_ADDRESS")
+    if address is None:
+        coordinator = (coordinator_address or "").rsplit(":", 1)[0]
+        local = coordinator in ("", "127.0.0.1", "localhost", "::1")
+        host = "127.0.0.1" if local else socket.gethostbyname(socket.gethostname())
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        address = f"{host}:{port}"
+    jax.config.update("jax_cross_host_transfer_socket_address", address)

@@ -78,20 +78,30 @@ class PieceTransport:
         self.copies_dispatched += len(moves)
         if jax.process_count() == 1:
             return jax.device_put([m[0] for m in moves], [m[2] for m in moves])
+        # Across processes every process makes the same device_put call, in the same order, for
+        # the pieces whose ends sit on different processes; a piece within one process is copied
+        # by that process alone.
         me = jax.process_index()
-        sources, targets, where = [], [], []
-        for i, (block, src, dst, shape, dtype) in enumerate(moves):
-            if me not in (src.process_index, dst.process_index):
-                continue
-            one = NamedSharding(self._one_mesh(src), P())
-            local = [] if block is None else [block]
-            sources.append(jax.make_array_from_single_device_arrays(shape, one, local, dtype=dtype))
-            targets.append(NamedSharding(self._one_mesh(dst), P()))
-            where.append(i)
         out: list[jax.Array | None] = [None] * len(moves)
-        for i, y in zip(where, jax.device_put(sources, targets), strict=True):
-            if moves[i][2].process_index == me:
-                out[i] = y.addressable_shards[0].data
+        local = [i for i, m in enumerate(moves) if m[1].process_index == m[2].process_index == me]
+        if local:
+            copied = jax.device_put([moves[i][0] for i in local], [moves[i][2] for i in local])
+            for i, y in zip(local, copied, strict=True):
+                out[i] = y
+        remote = [i for i, m in enumerate(moves) if m[1].process_index != m[2].process_index]
+        if remote:
+            sources, targets = [], []
+            for i in remote:
+                block, src, dst, shape, dtype = moves[i]
+                one = NamedSharding(self._one_mesh(src), P())
+                blocks = [] if block is None else [block]
+                sources.append(
+                    jax.make_array_from_single_device_arrays(shape, one, blocks, dtype=dtype)
+                )
+                targets.append(NamedSharding(self._one_mesh(dst), P()))
+            for i, y in zip(remote, jax.device_put(sources, targets), strict=True):
+                if moves[i][2].process_index == me:
+                    out[i] = y.addressable_shards[0].data
         return out
 
     # --- the two directions ----------------------------------------------------------------------
