@@ -220,8 +220,8 @@ plt.show()
 # **It can show work, bytes and overhead.** The 16 emulated devices share this machine's cores.
 # A strategy's wall time here is the *sum* of the work of all its device programs plus its
 # overheads: collectives become memory copies, the pipeline bubble is computed on zeros,
-# replicated work (routing done on every device of a tensor group, every attention device
-# receiving the whole expert output) is done as many times as it is replicated, and the host
+# replicated work (routing done on every device of a tensor group, the token-wise parts done by
+# every replica of an MA sequence shard) is done as many times as it is replicated, and the host
 # dispatches every program (MA separation dispatches many small programs per step: two stages
 # per layer and micro-batch, forward and backward). So the ranking here says which strategy does
 # the least total work and overhead at the tiny config's sizes. The bytes per device are real:
