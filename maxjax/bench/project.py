@@ -70,6 +70,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--context", type=int, default=2048, help="context length for Table 1's TPOT")
     p.add_argument("--no-scaling", action="store_true", help="skip §5.2 (8-64 GPUs)")
     p.add_argument("--no-planner", action="store_true", help="skip the layout search")
+    p.add_argument(
+        "--planner-microbatches", default="2,4,8", help="micro-batch counts the planner tries"
+    )
     p.add_argument("--json", default=None, help="write the results to this file")
     p.add_argument("--measure-cpu", action="store_true", help="measure this host into cpu-here")
     p.add_argument("--validate", action="store_true", help="predicted vs measured CPU steps")
@@ -252,7 +255,7 @@ def project(args: argparse.Namespace) -> dict[str, Any]:
     s = P.Shapes.of(cfg)
     devices = cfg.hardware.total_gpus
     layouts = {"ma": seed_layout(cfg), **baseline_layouts(cfg, devices)}
-    contexts = [c for c in CONTEXTS] if not args.no_scaling else [args.context]
+    contexts = list(CONTEXTS)
     out: dict[str, Any] = {
         "command": "python -m maxjax.bench project "
         + " ".join(sys.argv[2:] if len(sys.argv) > 2 else []),
@@ -277,7 +280,8 @@ def project(args: argparse.Namespace) -> dict[str, Any]:
         out["scaling"] = scaling(cfg, s, hw)
     if not args.no_planner:
         _say("layout planner")
-        out["planner"] = plan(cfg, s, hw, devices)
+        micro = tuple(int(x) for x in args.planner_microbatches.split(","))
+        out["planner"] = plan(cfg, s, hw, devices, micro)
     out["compiled_programs"] = P.compiles_done()
     out["wall_s"] = time.perf_counter() - start
     return out

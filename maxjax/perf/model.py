@@ -13,6 +13,11 @@ Modelling choices (stated, not hidden):
   when it spans nodes; point-to-point transfers hold the sending and receiving node's NICs;
 - gradients are reduced after the backward pass (not overlapped with it), then AdamW runs;
 - with gradient checkpointing a backward program recomputes its forward (the whole VJP);
+- memory per device (an estimate of this model, not a measurement) = float32 parameters, gradients
+  and AdamW moments + the activations kept for the backward pass (layer inputs with
+  checkpointing, else every forward program's outputs and temporaries) + the largest program
+  output; the CPU compiler's temporary sizes are reported beside it as `cpu_compiled_temp_bytes`
+  (an upper bound: it fuses less than a GPU compiler);
 - the pipeline baselines compute every tick of the GPipe schedule, bubble ticks included, as the
   runner does (bubble ticks compute on zeros).
 """
@@ -127,6 +132,7 @@ class _Graph:
         self.params: dict[int, float] = defaultdict(float)
         self.saved_bytes: dict[int, float] = defaultdict(float)
         self.peak_temp: dict[int, float] = defaultdict(float)
+        self.peak_output: dict[int, float] = defaultdict(float)
 
     def _name(self, label: str) -> str:
         self.count += 1
@@ -159,6 +165,7 @@ class _Graph:
                 if train and not self.s.checkpointing:
                     self.saved_bytes[d] += cost.temp_bytes + cost.output_bytes
             self.peak_temp[d] = max(self.peak_temp[d], cost.temp_bytes)
+            self.peak_output[d] = max(self.peak_output[d], cost.output_bytes)
             duration = program_time(cost, P.KIND[builder], self.hw)
             if self.hw.shared_host:
                 duration += self.hw.shard_overhead_s + (self.hw.program_overhead_s if i == 0 else 0)
@@ -272,12 +279,9 @@ def ma_graph(s: P.Shapes, hw: HardwareSpec, lay: MALayout, work: Work) -> _Graph
         )
         for src, dst in pairs:
             a_node, x_node = (src, dst) if to_experts else (dst, src)
+            share = len(attn_nodes[a_node]) / len(attn_devs)  # of the micro-batch's sequences
             nbytes = P.buffer_bytes(
-                s,
-                e_dev * len(exp_nodes[x_node]),
-                tok * len(attn_nodes[a_node]),
-                cap,
-                lay.compression,
+                s, e_dev * len(exp_nodes[x_node]), b * share, cap, lay.compression
             )
             arrived[dst].append(g.transfer(kind, src, dst, nbytes, deps_by_node[src]))
         return arrived
@@ -644,8 +648,13 @@ def summarize(
     memory = {}
     for d in range(devices):
         state = g.params[d] * (ADAMW_STATE_BYTES if work.train else F32_BYTES)
-        act = g.saved_bytes[d] + g.peak_temp[d]
-        memory[d] = {"state_bytes": state, "activation_bytes": act, "total_bytes": state + act}
+        act = g.saved_bytes[d] + g.peak_output[d]
+        memory[d] = {
+            "state_bytes": state,
+            "activation_bytes": act,
+            "total_bytes": state + act,
+            "cpu_compiled_temp_bytes": g.peak_temp[d],
+        }
     busy_energy = sum(busy.values()) * hw.tdp_w
     idle_energy = sum(max(0.0, t - busy[d]) for d in range(devices)) * hw.idle_w
     tokens = work.tokens if work.train else work.batch

@@ -44,6 +44,10 @@ def candidate_layouts(
                     continue
                 step = devices // experts_devs
                 expert_ids = tuple(sorted(devices - 1 - i * step for i in range(experts_devs)))
+            if placement == "spread" and expert_ids == tuple(
+                range(devices - experts_devs, devices)
+            ):
+                continue
             attn_ids = tuple(d for d in range(devices) if d not in expert_ids)
             attn_nodes = len({d // gpus_per_node for d in attn_ids})
             for mode, groups in (
@@ -102,12 +106,16 @@ def executable(cfg: Config, lay: MALayout) -> tuple[bool, str]:
     return True, "runs with the overrides"
 
 
-def plan(cfg: Config, s: P.Shapes, hw: HardwareSpec, devices: int) -> dict[str, Any]:
+def plan(
+    cfg: Config, s: P.Shapes, hw: HardwareSpec, devices: int, microbatches=(2, 4, 8)
+) -> dict[str, Any]:
     """Every candidate's projection, the best one, and the seed's layout for comparison."""
     work = Work(True, s.batch, s.seq_len)
     rows = []
     seed = seed_layout(cfg)
-    layouts = [("seed " + "config layout", seed)] + candidate_layouts(s, devices, hw.gpus_per_node)
+    layouts = [("seed " + "config layout", seed)] + candidate_layouts(
+        s, devices, hw.gpus_per_node, microbatches
+    )
     for desc, lay in layouts:
         metrics, _ = run(s, hw, lay, work)
         state = max(v["state_bytes"] for v in metrics["memory"].values())

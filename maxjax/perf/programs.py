@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -320,13 +319,41 @@ def _vjp(body: Body) -> tuple[Callable, tuple]:
 
 
 @functools.cache
-def _cost(builder: str, args: tuple, backward: bool) -> ProgramCost:
+def _compiled(builder: str, args: tuple, backward: bool) -> ProgramCost:
     body = BUILDERS[builder](*args)
-    if backward:
-        fn, abstract = _vjp(body)
-    else:
-        fn, abstract = _forward(body)
+    fn, abstract = _vjp(body) if backward else _forward(body)
     return compiled_cost(fn, abstract)
+
+
+def _affine(one: ProgramCost, two: ProgramCost, n: float) -> ProgramCost:
+    """Cost at batch n from the costs at batch 1 and 2 (the programs are affine in the batch)."""
+
+    def at(a: float, b: float) -> float:
+        return max(0.0, a + (n - 1) * (b - a))
+
+    return ProgramCost(
+        at(one.flops, two.flops),
+        at(one.bytes_accessed, two.bytes_accessed),
+        at(one.temp_bytes, two.temp_bytes),
+        at(one.argument_bytes, two.argument_bytes),
+        at(one.output_bytes, two.output_bytes),
+    )
+
+
+def _cost(builder: str, args: tuple, backward: bool) -> ProgramCost:
+    """Costs of a program; a batch larger than 2 is read off the batch-1 and batch-2 programs.
+
+    Every stage program applies the same work to each sequence (or parameter, for AdamW) of its
+    batch axis, so flops, bytes and buffer sizes are affine in it; two small compiles give the
+    paper-size costs exactly (a test checks this against a direct compile) and keep a layout
+    search from compiling one program per batch size.
+    """
+    index = BATCH_ARG[builder]
+    n = args[index]
+    if n <= 2:
+        return _compiled(builder, args, backward)
+    small = [args[:index] + (k,) + args[index + 1 :] for k in (1, 2)]
+    return _affine(*(_compiled(builder, a, backward) for a in small), n)
 
 
 BUILDERS: dict[str, Callable[..., Body]] = {
@@ -338,6 +365,18 @@ BUILDERS: dict[str, Callable[..., Body]] = {
     "embed": embed_body,
     "decode_attention": decode_attention_body,
     "adamw": adamw_body,
+}
+
+# Position (in the builder's arguments after the shapes) of the batch axis the cost is affine in.
+BATCH_ARG = {
+    "attention": 2,
+    "route_dispatch": 1,
+    "combine": 1,
+    "experts": 2,
+    "lm_head": 2,
+    "embed": 2,
+    "decode_attention": 2,
+    "adamw": 0,
 }
 
 # Which roofline efficiency each program kind uses (see the hardware spec's `efficiency`).
@@ -365,7 +404,7 @@ def backward_cost(builder: str, *args: Any, recompute: bool) -> ProgramCost:
 
 
 def compiles_done() -> int:
-    return _cost.cache_info().currsize
+    return _compiled.cache_info().currsize
 
 
 # --- bytes of what moves between devices (from shapes and dtypes) ----------------------------
@@ -373,7 +412,7 @@ def activation_bytes(s: Shapes, seqs: int, seq_len: int, itemsize: int) -> float
     return float(seqs * seq_len * s.hidden * itemsize)
 
 
-def buffer_bytes(s: Shapes, experts: int, seqs: int, capacity: int, compressed: bool) -> float:
+def buffer_bytes(s: Shapes, experts: int, seqs: float, capacity: int, compressed: bool) -> float:
     """Bytes of capacity buffers [experts, seqs, C, M]: compute dtype, or int8 + a float32 scale
     per token row when compressed (8-bit quantization)."""
     rows = experts * seqs * capacity
@@ -394,7 +433,3 @@ def even_split(total: int, parts: int) -> list[int]:
 
 def vocab_shard(vocab: int, devices: int) -> int:
     return ceil_div(vocab, devices)
-
-
-def log2_int(x: int) -> int:
-    return int(math.log2(x))
