@@ -20,15 +20,15 @@ from maxjax.perf.simulate import Task, simulate, union_length
 def test_two_stage_pipeline_has_known_makespan_and_overlap():
     # Stage A takes 1 s per micro-batch on dev0, stage B 2 s on dev1; two micro-batches.
     tasks = [
-        Task("a0", ("dev0",), 1.0),
-        Task("b0", ("dev1",), 2.0, ("a0",)),
-        Task("a1", ("dev0",), 1.0),
-        Task("b1", ("dev1",), 2.0, ("a1",)),
+        Task("a0", ("dev:0",), 1.0),
+        Task("b0", ("dev:1",), 2.0, ("a0",)),
+        Task("a1", ("dev:0",), 1.0),
+        Task("b1", ("dev:1",), 2.0, ("a1",)),
     ]
     tl = simulate(tasks)
     assert tl.start == {"a0": 0.0, "b0": 1.0, "a1": 1.0, "b1": 3.0}
     assert tl.makespan == 5.0
-    assert tl.busy("dev1") == 4.0 and tl.busy("dev0") == 2.0
+    assert tl.busy("dev:1") == 4.0 and tl.busy("dev:0") == 2.0
     # a1 runs while b0 does: one second of overlap.
     assert tl.active_time(lambda t: True) == 5.0
     assert tl.active_time(lambda t: t.name in ("a1", "b0")) == 2.0
@@ -36,18 +36,29 @@ def test_two_stage_pipeline_has_known_makespan_and_overlap():
 
 def test_a_task_on_two_resources_waits_for_both():
     tasks = [
-        Task("x", ("link_a",), 3.0),
-        Task("y", ("link_b",), 1.0),
-        Task("send", ("link_a", "link_b"), 2.0),
-        Task("after", ("link_b",), 1.0),
+        Task("x", ("dev:0",), 3.0),
+        Task("y", ("dev:1",), 1.0),
+        Task("send", ("dev:0", "dev:1"), 2.0),
+        Task("after", ("dev:1",), 1.0),
     ]
     tl = simulate(tasks)
     assert tl.start["send"] == 3.0 and tl.start["after"] == 5.0
 
 
+def test_a_ready_transfer_takes_an_earlier_gap_on_a_link():
+    tasks = [
+        Task("compute", ("dev:0",), 5.0),
+        Task("late_send", ("nic:0",), 1.0, ("compute",)),  # waits for its input until t=5
+        Task("early_send", ("nic:0",), 2.0),  # ready now: runs first on the link
+        Task("long_send", ("nic:0",), 4.0),  # does not fit before t=5: after late_send
+    ]
+    tl = simulate(tasks)
+    assert tl.start == {"compute": 0.0, "late_send": 5.0, "early_send": 0.0, "long_send": 6.0}
+
+
 def test_simulate_rejects_a_dependency_submitted_later():
     with pytest.raises(ValueError, match="not submitted before"):
-        simulate([Task("a", ("r",), 1.0, ("b",)), Task("b", ("r",), 1.0)])
+        simulate([Task("a", ("dev:0",), 1.0, ("b",)), Task("b", ("dev:0",), 1.0)])
 
 
 def test_union_length():
@@ -160,7 +171,7 @@ def test_planner_overrides_pass_the_config_and_mark_projected_only(tiny_cfg):
     from maxjax.config import with_overrides
     from maxjax.perf.planner import candidate_layouts, executable, overrides_of, seed_layout
 
-    s = P.Shapes.of(tiny_cfg)
+    s = dataclasses.replace(P.Shapes.of(tiny_cfg), batch=64)  # room for data-parallel attention
     ok, _ = executable(tiny_cfg, seed_layout(tiny_cfg))
     assert ok
     back = with_overrides(tiny_cfg, overrides_of(tiny_cfg, seed_layout(tiny_cfg)))
@@ -220,10 +231,10 @@ def test_measure_gpu_tiny_runs_on_cpu(tmp_path):
 
 def test_costs_are_affine_in_the_batch(tiny_cfg):
     s = P.Shapes.of(tiny_cfg)
-    direct = P._compiled("attention", (s, 3, 5, s.seq_len), False)
-    extrapolated = P.forward_cost("attention", s, 3, 5, s.seq_len)
+    direct = P._compiled("attention", (s, 3, 7, s.seq_len), False)
+    extrapolated = P.forward_cost("attention", s, 3, 7, s.seq_len)
     assert extrapolated.flops == pytest.approx(direct.flops, rel=1e-6)
     assert extrapolated.bytes_accessed == pytest.approx(direct.bytes_accessed, rel=0.02)
-    direct = P._compiled("experts", (s, 2, 5, 4, False), True)
-    extrapolated = P._cost("experts", (s, 2, 5, 4, False), True)
+    direct = P._compiled("experts", (s, 2, 7, 4, False), True)
+    extrapolated = P._cost("experts", (s, 2, 7, 4, False), True)
     assert extrapolated.flops == pytest.approx(direct.flops, rel=1e-6)

@@ -257,8 +257,7 @@ def project(args: argparse.Namespace) -> dict[str, Any]:
     layouts = {"ma": seed_layout(cfg), **baseline_layouts(cfg, devices)}
     contexts = list(CONTEXTS)
     out: dict[str, Any] = {
-        "command": "python -m maxjax.bench project "
-        + " ".join(sys.argv[2:] if len(sys.argv) > 2 else []),
+        "command": "python -m maxjax.bench project " + " ".join(args.argv),
         "config": args.config,
         "overrides": args.overrides,
         "hardware": dict(vars(hw)),
@@ -591,6 +590,7 @@ def print_gpu(out: dict[str, Any]) -> None:
 
 def main(argv: list[str]) -> int:
     args = _parse(argv)
+    args.argv = list(argv)
     if args.measure_cpu:
         from maxjax.bench.measure import setup_devices
 

@@ -325,23 +325,23 @@ def _compiled(builder: str, args: tuple, backward: bool) -> ProgramCost:
     return compiled_cost(fn, abstract)
 
 
-def _affine(one: ProgramCost, two: ProgramCost, n: float) -> ProgramCost:
-    """Cost at batch n from the costs at batch 1 and 2 (the programs are affine in the batch)."""
+def _affine(two: ProgramCost, four: ProgramCost, n: float) -> ProgramCost:
+    """Cost at batch n from the costs at batch 2 and 4 (the programs are affine in the batch)."""
 
     def at(a: float, b: float) -> float:
-        return max(0.0, a + (n - 1) * (b - a))
+        return max(0.0, a + (n - 2) * (b - a) / 2)
 
     return ProgramCost(
-        at(one.flops, two.flops),
-        at(one.bytes_accessed, two.bytes_accessed),
-        at(one.temp_bytes, two.temp_bytes),
-        at(one.argument_bytes, two.argument_bytes),
-        at(one.output_bytes, two.output_bytes),
+        at(two.flops, four.flops),
+        at(two.bytes_accessed, four.bytes_accessed),
+        at(two.temp_bytes, four.temp_bytes),
+        at(two.argument_bytes, four.argument_bytes),
+        at(two.output_bytes, four.output_bytes),
     )
 
 
 def _cost(builder: str, args: tuple, backward: bool) -> ProgramCost:
-    """Costs of a program; a batch larger than 2 is read off the batch-1 and batch-2 programs.
+    """Costs of a program; a batch larger than 4 is read off the batch-2 and batch-4 programs.
 
     Every stage program applies the same work to each sequence (or parameter, for AdamW) of its
     batch axis, so flops, bytes and buffer sizes are affine in it; two small compiles give the
@@ -350,9 +350,9 @@ def _cost(builder: str, args: tuple, backward: bool) -> ProgramCost:
     """
     index = BATCH_ARG[builder]
     n = args[index]
-    if n <= 2:
+    if n <= 4:
         return _compiled(builder, args, backward)
-    small = [args[:index] + (k,) + args[index + 1 :] for k in (1, 2)]
+    small = [args[:index] + (k,) + args[index + 1 :] for k in (2, 4)]
     return _affine(*(_compiled(builder, a, backward) for a in small), n)
 
 

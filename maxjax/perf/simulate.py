@@ -1,13 +1,15 @@
 """A discrete-event simulation of a schedule of tasks on resources (device streams, links).
 
-Each resource runs its tasks one at a time in the order they were submitted, like a stream; a
-task starts when every resource it needs is free and every task it depends on has ended. A task
-holding several resources (a transfer holds the sender's and the receiver's link) occupies all
-of them for its duration. Submission order is a topological order, so one pass schedules all.
+A device runs its programs one at a time in the order they were issued, like a stream; a link
+carries one transfer at a time, in the first free gap after the transfer is ready. A task starts
+when every resource it needs is free and every task it depends on has ended; a task holding
+several resources (a transfer holds the sender's and the receiver's link) occupies all of them
+for its duration. Submission order is a topological order, so one pass schedules all.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 from collections.abc import Iterable, Sequence
 
@@ -64,9 +66,32 @@ def union_length(spans: Iterable[tuple[float, float]]) -> float:
     return total
 
 
-def simulate(tasks: Sequence[Task]) -> Timeline:
-    """Start and end of every task; tasks must come in a topological (submission) order."""
+def is_stream(resource: str) -> bool:
+    """Devices (and the shared CPU host) run programs in issue order; links do not."""
+    return resource.startswith(("dev:", "host"))
+
+
+def _first_gap(busy: list[tuple[float, float]], start: float, duration: float) -> float:
+    """Earliest time >= start at which [t, t + duration) overlaps none of `busy` (sorted)."""
+    t = start
+    for s, e in busy:
+        if e <= t:
+            continue
+        if s >= t + duration:
+            break
+        t = e
+    return t
+
+
+def simulate(tasks: Sequence[Task], stream=is_stream) -> Timeline:
+    """Start and end of every task; tasks must come in a topological (submission) order.
+
+    A stream resource runs its tasks in submission order. A link takes a task in the first gap
+    long enough for it after the task is ready, so a transfer that is ready early is not held
+    behind one issued before it that still waits for its inputs.
+    """
     free: dict[str, float] = {}
+    intervals: dict[str, list[tuple[float, float]]] = {}
     start: dict[str, float] = {}
     end: dict[str, float] = {}
     for task in tasks:
@@ -79,11 +104,21 @@ def simulate(tasks: Sequence[Task]) -> Timeline:
             raise ValueError(
                 f"task {task.name!r} depends on {missing[0]!r}, not submitted before it"
             )
-        ready = max(
-            [end[d] for d in task.deps] + [free.get(r, 0.0) for r in task.resources] + [0.0]
+        t = max(
+            [end[d] for d in task.deps]
+            + [free.get(r, 0.0) for r in task.resources if stream(r)]
+            + [0.0]
         )
-        start[task.name] = ready
-        end[task.name] = ready + task.duration
+        links = [r for r in task.resources if not stream(r)]
+        while links:
+            moved = max(_first_gap(intervals.get(r, []), t, task.duration) for r in links)
+            if moved == t:
+                break
+            t = moved
+        start[task.name] = t
+        end[task.name] = t + task.duration
         for r in task.resources:
-            free[r] = end[task.name]
+            free[r] = max(free.get(r, 0.0), end[task.name])
+            if not stream(r):
+                bisect.insort(intervals.setdefault(r, []), (t, end[task.name]))
     return Timeline(tuple(tasks), start, end)
