@@ -250,6 +250,11 @@ plt.show()
 # `--config configs/paper.yaml` (see `tutorials/cluster.md`), or from a projection that lays each
 # program's flops and bytes against the hardware's rates; both would be labelled as such.
 
+# %% [markdown]
+# For the GPU-scale comparison see [notebook 06](06_projection.ipynb): a projection of the same
+# table to 16 A100s from the compiled programs' flops and bytes, a simulated schedule, and an
+# audit of every number the seed reports in Table 1 and §5.2-§5.8.
+
 # %%
 import shutil  # noqa: E402
 

@@ -8,6 +8,7 @@ import sys
 BENCHMARKS = {
     "table1": ("maxjax.bench.table1", "Table 1: TPOT, TPS, throughput, utilisation, memory"),
     "seqlen": ("maxjax.bench.seqlen", "TPOT at four sequence lengths (seed section 5.7)"),
+    "project": ("maxjax.bench.project", "Projected paper-scale tables, planner, CPU/GPU checks"),
     "ma-step": ("maxjax.bench.ma_step", "MA separation vs single: step time, bytes, programs"),
 }
 
