@@ -170,10 +170,11 @@ def _train_seed(runner, cfg, seed: int, steps: int, tx, val_batches, bar) -> dic
     seed_cfg = with_overrides(cfg, [f"training.seed={seed}"])
     train_data = TokenBatches(seed_cfg, "train", **data_shard())
     state = runner.init_train_state(runner.init(seed), tx)
-    losses, val_steps, val_ppl, val_loss = [], [], [], []
+    losses, val_steps, val_ppl, val_loss, step_seconds = [], [], [], [], []
     start = time.perf_counter()
     while state.step < steps:
-        state, record, _ = training_step(runner, state, next(train_data), tx, seed)
+        state, record, seconds = training_step(runner, state, next(train_data), tx, seed)
+        step_seconds.append(seconds)
         if not math.isfinite(record["loss"]):
             raise TrainingError(
                 f"{runner.name} seed {seed}: loss became {record['loss']} at step {state.step}"
@@ -194,6 +195,7 @@ def _train_seed(runner, cfg, seed: int, steps: int, tx, val_batches, bar) -> dic
         "val_perplexity": val_ppl,
         "final_val_perplexity": val_ppl[-1],
         "seconds": time.perf_counter() - start,
+        "median_step_seconds": float(np.median(step_seconds)),
     }
 
 
@@ -209,7 +211,7 @@ def run_convergence(
     Each variant's runner is built once and reused for all seeds, so it compiles once. Returns
     {steps, seeds, validation_interval, devices, variants: {name: {strategy, compression,
     seconds, runs: [{seed, train_loss, val_steps, val_loss, val_perplexity,
-    final_val_perplexity, seconds}]}}}.
+    final_val_perplexity, seconds, median_step_seconds}]}}}.
     """
     import jax
     from tqdm import tqdm
