@@ -112,9 +112,9 @@ def paired_t_test(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
     Differences that are all equal have no spread: t is 0 (p = 1) when they are all zero, and
     +-inf (p = 0) otherwise.
     """
-    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    if d.ndim != 1 or len(a) != len(b):
+    if len(a) != len(b):
         raise ValueError(f"paired t-test needs two equal-length lists, got {len(a)} and {len(b)}")
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
     if d.size < 2:
         raise ValueError(f"paired t-test needs at least 2 pairs, got {d.size}")
     mean = float(d.mean())
