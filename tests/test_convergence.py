@@ -89,8 +89,10 @@ def test_command_writes_curves_and_float32_ma_tracks_single(tmp_path, capsys):
     path = tmp_path / "convergence.json"
     argv = [
         "--steps", "3", "--seeds", "2", "--variants", "single,ma_float32", "--no-progress",
-        "--set", "model.layers=2", "--set", "training.validation_interval=2",
-        "--set", "training.validation_batches=1", "--json", str(path),
+        "--set", "model.layers=1", "--set", "ma_separation.microbatches=1",
+        "--set", "sequence.batch_size=4", "--set", "sequence.total_tokens_per_batch=128",
+        "--set", "training.validation_interval=2", "--set", "training.validation_batches=1",
+        "--json", str(path),
     ]  # fmt: skip
     assert cv.main(argv) == 0
     printed = capsys.readouterr().out
