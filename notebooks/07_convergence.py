@@ -164,6 +164,38 @@ else:
     plot_result(larger, f"stored run: {larger['steps']} steps, seeds {larger['seeds']}")
 
 # %% [markdown]
+# ### Where the float32 runs part
+#
+# For each seed: the largest relative loss difference from `single` over the first steps, and the
+# first step at which it exceeds 10⁻⁴ ("-": never). Float32 rounding alone is ~10⁻⁷; a jump
+# from there to 10⁻⁴ within one step is a discrete event, a token whose top-2 choice or capacity
+# cut-off sat on a near-tie and fell the other way. From that step on the two runs are different
+# trajectories of the same function.
+
+
+# %%
+def parting_steps(result: dict, threshold: float = 1e-4) -> None:
+    reference = {r["seed"]: np.array(r["train_loss"]) for r in result["variants"]["single"]["runs"]}
+    for name, variant in result["variants"].items():
+        if name == "single":
+            continue
+        cells = []
+        for run in variant["runs"]:
+            ref = reference[run["seed"]]
+            rel = np.abs(np.array(run["train_loss"]) - ref) / ref
+            above = np.flatnonzero(rel > threshold)
+            first = "-" if above.size == 0 else str(above[0] + 1)
+            until = above[0] if above.size else rel.size
+            agree = f"{rel[:until].max():.1e}" if until else "above from the start"
+            cells.append(f"seed {run['seed']}: {agree} until step {first}")
+        print(f"  {name:10s} " + "; ".join(cells))
+
+
+for label, result in [("small instance", small)] + ([("stored run", larger)] if larger else []):
+    print(f"{label} (measured here):")
+    parting_steps(result)
+
+# %% [markdown]
 # ## 4. The seed's §6 numbers beside ours
 
 # %%
@@ -202,11 +234,12 @@ for label, result in runs:
 # %% [markdown]
 # **What can be compared at this scale.** The *mechanism*: whether separating attention from
 # the experts changes what the model learns. It does not: float32 MA and TP × PP follow the
-# single-device run step for step to within float32 rounding (right-hand panels), so their final
-# perplexities differ only in the last digits (the mean differences printed above), and whatever
-# the paired t-test says about differences that small is a statement about rounding, not about
-# learning. The only thing that can move
-# MA's curve is the int8 round trip of the buffers between the pools; its per-step effect is the
+# single-device run to float32 rounding (right-hand panels, and the table above) until a routing
+# near-tie falls the other way; after that the runs are different trajectories of the same
+# function, and their distance grows (compare the final perplexities above with the spread over
+# seeds). A paired test of final perplexities then speaks of rounding and routing ties, not of
+# learning. The only thing that can move MA's curve by design is the int8 round trip of the
+# buffers between the pools; its per-step effect from the first step on is the
 # `ma_int8 vs single` line above (max per-step relative loss difference), and the paired test
 # says whether its effect on the final perplexity is consistent across seeds. Read this way, a
 # 12.8 vs 13.4 gap cannot be produced by MA separation as a change of *where* the computation

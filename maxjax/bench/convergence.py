@@ -325,8 +325,9 @@ def meaning_line(summary: dict[str, Any]) -> str:
 
     return (
         "MA separation computes the single-device function (parity tests), so float32 MA can "
-        "differ from single only by the order of floating-point sums (max per-step relative loss "
-        f"difference {rel(('ma_float32', 'single'))}) and int8 MA only by the quantisation of the "
+        "differ from single only by the order of floating-point sums, which a near-tie in top-k "
+        "routing or capacity can turn into a different trajectory (max per-step relative loss "
+        f"difference {rel(('ma_float32', 'single'))}), and int8 MA only by the quantisation of the "
         f"buffers between the pools ({rel(('ma_int8', 'single'))}); TP x PP likewise only by "
         f"summation order ({rel(('tp_pp', 'single'))}): a perplexity gap between MA and the "
         "baseline here measures rounding or int8 noise, not a better learner."
