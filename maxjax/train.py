@@ -35,6 +35,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import optax
 from tqdm import tqdm
 
 from maxjax import model
@@ -53,7 +54,7 @@ from maxjax.evaluate import (
     validation_loss,
 )
 from maxjax.optim import learning_rate_schedule, make_optimizer
-from maxjax.parallel import check_strategy, make_runner
+from maxjax.parallel import Runner, TrainState, check_strategy, make_runner
 
 DEFAULT_CONFIG = "configs/tiny.yaml"
 DEFAULT_STRATEGY = "ma"
@@ -201,6 +202,42 @@ def _host_metrics(metrics: dict[str, jax.Array]) -> dict[str, Any]:
     return out
 
 
+def step_key(seed: int, step: int) -> jax.Array:
+    """Dropout key of the step that starts at `step`: the same on every resume and strategy."""
+    return jax.random.fold_in(jax.random.key(seed), step)
+
+
+def training_step(
+    runner: Runner,
+    state: TrainState,
+    batch: np.ndarray,
+    tx: optax.GradientTransformation,
+    seed: int,
+) -> tuple[TrainState, dict[str, Any], float]:
+    """One optimizer step on a batch of this process's rows with the step's dropout key.
+
+    Returns (new state, {step, loss, ...} as host numbers, seconds the step took).
+    """
+    rng = step_key(seed, state.step)
+    start = time.perf_counter()
+    state, metrics = runner.train_step(state, global_batch(batch), tx, rng)
+    record = {"step": state.step, **_host_metrics(metrics)}
+    return state, record, time.perf_counter() - start
+
+
+def is_validation_step(step: int, interval: int, last_step: int) -> bool:
+    """Validation runs every `interval` steps and after the last one."""
+    return step % interval == 0 or step == last_step
+
+
+def validation_record(
+    runner: Runner, params: model.Params, batches: list[np.ndarray], step: int
+) -> dict[str, Any]:
+    """{step, val_loss, val_perplexity} of `params` on the validation batches."""
+    loss = validation_loss(runner, params, batches)
+    return {"step": step, "val_loss": loss, "val_perplexity": perplexity(loss)}
+
+
 def train(
     cfg: Config,
     strategy: str = DEFAULT_STRATEGY,
@@ -277,12 +314,9 @@ def train(
     try:
         while state.step < steps:
             step = state.step
-            tokens = global_batch(next(train_data))
-            rng = jax.random.fold_in(jax.random.key(cfg.training.seed), step)
-            t0 = time.perf_counter()
-            state, metrics = runner.train_step(state, tokens, tx, rng)
-            record = {"step": state.step, **_host_metrics(metrics)}
-            seconds = time.perf_counter() - t0
+            state, record, seconds = training_step(
+                runner, state, next(train_data), tx, cfg.training.seed
+            )
             bad = [k for k in ("loss", "grad_norm") if not math.isfinite(record.get(k, 0.0))]
             if bad:
                 values = ", ".join(f"{k} {record[k]}" for k in bad)
@@ -307,13 +341,9 @@ def train(
             )
             if state.step % cfg.training.log_interval == 0 and not progress:
                 _note(f"step {state.step}: loss {record['loss']:.4f}")
-            if state.step % cfg.training.validation_interval == 0 or state.step == steps:
-                val_loss = validation_loss(runner, state.params, val_data)
-                val = {
-                    "step": state.step,
-                    "val_loss": val_loss,
-                    "val_perplexity": perplexity(val_loss),
-                }
+            if is_validation_step(state.step, cfg.training.validation_interval, steps):
+                val = validation_record(runner, state.params, val_data, state.step)
+                val_loss = val["val_loss"]
                 log.write(val)
                 history.append(val)
                 _note(

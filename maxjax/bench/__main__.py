@@ -10,6 +10,10 @@ BENCHMARKS = {
     "seqlen": ("maxjax.bench.seqlen", "TPOT at four sequence lengths (seed section 5.7)"),
     "project": ("maxjax.bench.project", "Projected paper-scale tables, planner, CPU/GPU checks"),
     "ma-step": ("maxjax.bench.ma_step", "MA separation vs single: step time, bytes, programs"),
+    "convergence": (
+        "maxjax.bench.convergence",
+        "Seed §6: convergence of single, MA (float32 / int8 traffic), TP x PP over seeds",
+    ),
 }
 
 
@@ -18,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in BENCHMARKS:
         print("usage: python -m maxjax.bench NAME [options]\n\nbenchmarks:")
         for name, (_, what) in BENCHMARKS.items():
-            print(f"  {name:8s} {what}")
+            print(f"  {name:11s} {what}")
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     module = importlib.import_module(BENCHMARKS[argv[0]][0])
     return module.main(argv[1:]) or 0
