@@ -315,23 +315,29 @@ def ma_graph(s: P.Shapes, hw: HardwareSpec, lay: MALayout, work: Work) -> _Graph
             last[gi, i] = g.collective(
                 "embedding", "reduce_scatter", list(grp), act * F32_BYTES / s.compute_bytes, e
             )
+
+    def combine_all(grp, returned, previous):
+        """The combine of every device of a sequence group, after its pieces came back."""
+        deps = []
+        for d in grp:
+            deps += g.stage(
+                "combine",
+                [d],
+                "combine",
+                lambda d: (tok, seq),
+                returned[g.node(d)] + previous,
+                False,
+                train,
+            )
+        return deps
+
     for layer in range(s.layers):
         for i in range(m):
             routed: dict[int, list[str]] = {}
             for gi, grp in enumerate(groups):
                 deps = last[gi, i]
                 if layer > 0:
-                    deps = []
-                    for d in grp:
-                        deps += g.stage(
-                            "combine",
-                            [d],
-                            "combine",
-                            lambda d: (tok, seq),
-                            back[i][g.node(d)] + last[gi, i],
-                            False,
-                            train,
-                        )
+                    deps = combine_all(grp, back[i], last[gi, i])
                 gathered = g.collective("attention", "all_gather", list(grp), act, deps)
                 builder, _ = attention_args(grp[0])
                 attn = []
@@ -363,17 +369,7 @@ def ma_graph(s: P.Shapes, hw: HardwareSpec, lay: MALayout, work: Work) -> _Graph
     heads_done: dict[tuple[int, int], list[str]] = {}
     for i in range(m):
         for gi, grp in enumerate(groups):
-            deps = []
-            for d in grp:
-                deps += g.stage(
-                    "combine",
-                    [d],
-                    "combine",
-                    lambda d: (tok, seq),
-                    back[i][g.node(d)] + last[gi, i],
-                    False,
-                    train,
-                )
+            deps = combine_all(grp, back[i], last[gi, i])
             gathered = g.collective("head", "all_gather", list(grp), act, deps)
             h = g.stage(
                 "lm_head", list(grp), "lm_head", lambda d: (rows, bg, seq), gathered, False, train
