@@ -268,6 +268,11 @@ class MARunner(Runner):
             )
         size = batch // parts
         if isinstance(tokens, jax.Array):
+            if not tokens.sharding.is_fully_replicated:
+                raise ValueError(
+                    "MA separation takes tokens as host arrays or as a device array held whole "
+                    f"(on one device or replicated), got sharding {tokens.sharding}"
+                )
             pieces = [tokens[i * size : (i + 1) * size] for i in range(parts)]
             return [replicate(p, self.attention_mesh) for p in pieces]
         on_pool = NamedSharding(self.attention_mesh, P())
