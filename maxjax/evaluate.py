@@ -109,12 +109,16 @@ _cross_entropy = jax.jit(ops.cross_entropy)
 
 
 def validation_loss(runner: Runner, params: model.Params, batches: list[np.ndarray]) -> float:
-    """Mean next-token cross-entropy (no dropout, no auxiliary losses) over equal-sized batches."""
-    losses = [
-        _cross_entropy(runner.forward(params, global_batch(b[:, :-1])), global_batch(b[:, 1:]))
-        for b in batches
-    ]
-    return float(np.mean([float(x) for x in losses]))
+    """Mean next-token cross-entropy (no dropout, no auxiliary losses) over equal-sized batches.
+
+    Each batch's loss is fetched before the next batch is dispatched: with many multi-device
+    programs queued at once, XLA's CPU collectives can wait on each other past their rendezvous
+    timeout (seen with MA separation's forward on 16 emulated devices)."""
+    losses = []
+    for b in batches:
+        logits = runner.forward(params, global_batch(b[:, :-1]))
+        losses.append(float(_cross_entropy(logits, global_batch(b[:, 1:]))))
+    return float(np.mean(losses))
 
 
 def perplexity(loss: float) -> float:
