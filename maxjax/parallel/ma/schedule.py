@@ -30,6 +30,9 @@ from maxjax.parallel.ma.layout import (
     ATTENTION_POOL,
     CACHE,
     EXPERT_POOL,
+    INCOMING,
+    OUTGOING,
+    TOKENS,
     ParamLayout,
     TokenSplit,
 )
@@ -506,7 +509,7 @@ class MARunner(Runner):
         capacity = group_capacity(cfg, seq_len)
         per_device = cfg.moe.experts_per_layer // split.expert_devices
         width, top_k = cfg.model.hidden_dim, cfg.moe.top_k
-        tokens = NamedSharding(mesh, P("seq"))
+        tokens = NamedSharding(mesh, TOKENS)
 
         def wire(shape: tuple, sharding: NamedSharding) -> Any:
             if not self.compress:
@@ -529,14 +532,14 @@ class MARunner(Runner):
             jax.ShapeDtypeStruct(rows, jnp.int32, sharding=tokens),
             jax.ShapeDtypeStruct(rows, jnp.bool_, sharding=tokens),
         )
-        outgoing = NamedSharding(mesh, P("rep", None, "seq"))
+        outgoing = NamedSharding(mesh, OUTGOING)
         incoming_shape = (split.replicas, per_device, batch, capacity, width)
         received = tuple(wire(incoming_shape, outgoing) for _ in range(split.expert_devices))
         attention = programs.middle_vjp.lower(
             attention_part(layer), state, received, like(self._head_mask(split))
         )
         piece = (split.expert_devices, per_device, batch // split.sequence_shards, capacity, width)
-        on_experts = NamedSharding(self.expert_mesh, P(EXPERT_AXIS))
+        on_experts = NamedSharding(self.expert_mesh, INCOMING)
         inputs = tuple(wire(piece, on_experts) for _ in range(split.sequence_shards))
         expert = programs.experts_vjp.lower(
             layer["moe"]["experts"],
