@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 INT8_MAX = 127.0
+SCALE_BYTES = 4
 
 
 def quantize_int8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -29,6 +31,18 @@ def quantize_int8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 def dequantize_int8(q: jax.Array, scale: jax.Array, dtype: jnp.dtype = jnp.float32) -> jax.Array:
     """Inverse of `quantize_int8` up to rounding: q * scale[..., None] in `dtype`."""
     return (q.astype(jnp.float32) * scale[..., None]).astype(dtype)
+
+
+def pack_int8(q: jax.Array, scale: jax.Array) -> jax.Array:
+    """One int8 array [..., M + 4]: each row's values followed by the four bytes of its float32
+    scale, so a compressed buffer moves between devices as one copy instead of two."""
+    return jnp.concatenate([q, lax.bitcast_convert_type(scale, jnp.int8)], axis=-1)
+
+
+def unpack_int8(packed: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Inverse of `pack_int8`, bit for bit: (q [..., M], scale float32 [...])."""
+    q = packed[..., :-SCALE_BYTES]
+    return q, lax.bitcast_convert_type(packed[..., -SCALE_BYTES:], jnp.float32)
 
 
 @jax.custom_vjp
@@ -49,8 +63,9 @@ compress_roundtrip.defvjp(_roundtrip_fwd, _roundtrip_bwd)
 
 
 def compressed_nbytes(shape: tuple[int, ...]) -> int:
-    """Bytes of `quantize_int8` of an array of `shape`: one byte per element, 4 per row."""
+    """Bytes of `quantize_int8` (or its `pack_int8`) of an array of `shape`: one byte per element,
+    4 per row."""
     rows = 1
     for n in shape[:-1]:
         rows *= n
-    return rows * shape[-1] + 4 * rows
+    return rows * shape[-1] + SCALE_BYTES * rows

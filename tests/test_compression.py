@@ -68,3 +68,20 @@ def test_compressed_size_is_a_quarter_of_float32_plus_scales():
     assert compression.compressed_nbytes(shape) == rows * 256 + 4 * rows
     q, scale = compression.quantize_int8(jnp.ones(shape))
     assert q.nbytes + scale.nbytes == compression.compressed_nbytes(shape)
+
+
+def test_pack_keeps_every_bit_and_the_byte_count():
+    """The packed wire holds q and the scale's exact bits, in compressed_nbytes bytes."""
+    x = (
+        jax.random.normal(jax.random.key(3), (2, 5, 7, 64))
+        * jnp.array([0.0, 1e-30, 3.0, 1e4, 2.0, -5.0, 7.0])[:, None]
+    )
+    q, scale = compression.quantize_int8(x)
+    packed = compression.pack_int8(q, scale)
+    assert packed.dtype == jnp.int8 and packed.shape == (2, 5, 7, 64 + compression.SCALE_BYTES)
+    assert packed.nbytes == compression.compressed_nbytes(x.shape)
+    q2, scale2 = compression.unpack_int8(packed)
+    np.testing.assert_array_equal(np.asarray(q2), np.asarray(q))
+    np.testing.assert_array_equal(
+        np.asarray(scale2).view(np.uint32), np.asarray(scale).view(np.uint32)
+    )

@@ -39,7 +39,8 @@ devices:
    heads; reduce-scatter the partial outputs over SEQ and all-reduce over REP (each shard gets the
    sum over all heads of its own tokens), add the residual; RMSNorm, router and capacity dispatch
    of the shard's sequences into its buffer ``[E, b/G, C, M]``, cut into one *piece* per expert
-   device (int8 with one float32 scale per row when ``communication_compression`` is
+   device (int8 with one float32 scale per row, packed into one int8 buffer, when
+   ``communication_compression`` is
    ``8-bit quantization``).
 2. *To the experts* (`transport.py`): piece (j, s) goes from one replica of shard s straight to
    expert device j, a device-to-device copy of an unchanged block.

@@ -514,10 +514,8 @@ class MARunner(Runner):
         def wire(shape: tuple, sharding: NamedSharding) -> Any:
             if not self.compress:
                 return jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)
-            return (
-                jax.ShapeDtypeStruct(shape, jnp.int8, sharding=sharding),
-                jax.ShapeDtypeStruct(shape[:-1], jnp.float32, sharding=sharding),
-            )
+            packed = (*shape[:-1], shape[-1] + compression.SCALE_BYTES)
+            return jax.ShapeDtypeStruct(packed, jnp.int8, sharding=sharding)
 
         def like(x: Any) -> jax.ShapeDtypeStruct:
             return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)

@@ -125,10 +125,12 @@ class StagePrograms:
     # --- wire format -----------------------------------------------------------------------------
 
     def encode(self, x: jax.Array) -> Any:
-        return compression.quantize_int8(x) if self.compress else x
+        return compression.pack_int8(*compression.quantize_int8(x)) if self.compress else x
 
     def decode_wire(self, wire: Any) -> jax.Array:
-        return compression.dequantize_int8(*wire, jnp.float32) if self.compress else wire
+        if not self.compress:
+            return wire
+        return compression.dequantize_int8(*compression.unpack_int8(wire), jnp.float32)
 
     # --- per-device bodies -----------------------------------------------------------------------
 
@@ -331,7 +333,8 @@ class StagePrograms:
 
     def _build(self) -> None:
         """Forward programs (inference, decoding), forward-with-VJP programs and backward
-        programs. Wire pieces are int8 + scales when compressing; cotangents stay float32."""
+        programs. Wire pieces are int8 rows with their scales packed in (`compression.pack_int8`)
+        when compressing; cotangents stay float32."""
         enc, dec = self.encode, self.decode_wire
 
         def wire_out(outputs: LayerOutputs) -> LayerOutputs:
