@@ -50,13 +50,10 @@ def train_losses(directory: Path) -> list[tuple[int, float]]:
 
 
 def subprocess_env() -> dict[str, str]:
-    """The test process's devices and matmul precision, plus a shared compilation cache."""
+    """The test process's devices, matmul precision and compilation cache (see conftest.py)."""
     return {
         **os.environ,
         "JAX_DEFAULT_MATMUL_PRECISION": "highest",
-        "JAX_COMPILATION_CACHE_DIR": str(COMPILE_CACHE),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
         "PYTHONUNBUFFERED": "1",
     }
 
@@ -77,20 +74,3 @@ def one_error_line(stderr: str, prefix: str) -> str:
     assert "Traceback" not in stderr, stderr
     assert len(lines) == 1 and lines[0].startswith(prefix), stderr
     return lines[0]
-
-
-def use_compile_cache():
-    """Generator for a module fixture: reuse compiled programs across runs (same HLO each run)."""
-    import jax
-
-    names = (
-        "jax_compilation_cache_dir",
-        "jax_persistent_cache_min_compile_time_secs",
-        "jax_persistent_cache_min_entry_size_bytes",
-    )
-    old = {name: getattr(jax.config, name) for name in names}
-    for name, value in zip(names, (str(COMPILE_CACHE), 0, 0), strict=True):
-        jax.config.update(name, value)
-    yield
-    for name, value in old.items():
-        jax.config.update(name, value)

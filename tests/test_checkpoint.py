@@ -21,7 +21,6 @@ from _train_helpers import (
     subprocess_env,
     train_argv,
     train_losses,
-    use_compile_cache,
 )
 
 import maxjax
@@ -30,8 +29,6 @@ from maxjax.checkpoint import CheckpointStore, all_finite
 from maxjax.config import load_config
 from maxjax.optim import make_optimizer
 from maxjax.parallel import STRATEGIES, make_runner
-
-compile_cache = pytest.fixture(scope="module", autouse=True)(use_compile_cache)
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,10 @@ from _train_helpers import (
     start_training,
     train_argv,
     train_losses,
-    use_compile_cache,
 )
 
 from maxjax import evaluate, train
 from maxjax.parallel import STRATEGIES
-
-compile_cache = pytest.fixture(scope="module", autouse=True)(use_compile_cache)
 
 
 @pytest.fixture(scope="module")
