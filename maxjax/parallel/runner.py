@@ -143,6 +143,10 @@ class Runner(abc.ABC):
         """Parameters with the values of `init_params(cfg, seed)`, in this strategy's layout."""
 
     @abc.abstractmethod
+    def abstract_params(self) -> Params:
+        """ShapeDtypeStructs, with this layout's shardings, of the parameters of `init`."""
+
+    @abc.abstractmethod
     def forward(self, params: Params, tokens: jax.Array) -> jax.Array:
         """Deterministic logits[B, S, V] of tokens[B, S]."""
 
