@@ -308,6 +308,24 @@ def decode_body(
 
 # --- the runner --------------------------------------------------------------------------------
 
+STACKED_STAGES = "stacked_stages"
+
+
+def unstack_stages(tree: Tree, layers_per_stage: int, vocab_size: int) -> Tree:
+    """Stage-stacked layout -> single-device layout (traceable; no devices needed)."""
+    layers = tree["layers"]
+    keys = sorted(layers, key=int)
+    out_layers = {}
+    for i, key in enumerate(keys):
+        stacked = layers[keys[i % layers_per_stage]]
+        out_layers[key] = jax.tree.map(lambda x, s=i // layers_per_stage: x[s], stacked)
+    return {
+        **tree,
+        "embed": {"embedding": tree["embed"]["embedding"][:vocab_size]},
+        "layers": out_layers,
+        "lm_head": {"kernel": tree["lm_head"]["kernel"][:, :vocab_size]},
+    }
+
 
 class BaselineRunner(Runner):
     """TP, PP or TP+PP (each x DP) on the full mesh; see the module docstring for the layout."""
@@ -373,19 +391,16 @@ class BaselineRunner(Runner):
         }
 
     def _to_canonical(self, tree: Tree) -> Tree:
-        layers = tree["layers"]
-        keys = sorted(layers, key=int)
-        per_stage = self.plan.layers_per_stage
-        out_layers = {}
-        for i, key in enumerate(keys):
-            stacked = layers[keys[i % per_stage]]
-            out_layers[key] = jax.tree.map(lambda x, s=i // per_stage: x[s], stacked)
-        vocab = self.plan.vocab
+        return unstack_stages(tree, self.plan.layers_per_stage, self.plan.vocab)
+
+    def storage_layout(self) -> dict:
+        """Stage-stacked layers and the padded vocabulary (JSON); the tensor split changes no
+        shape, so TP, PP and TP x PP share a stored layout when their stages and padding agree."""
         return {
-            **tree,
-            "embed": {"embedding": tree["embed"]["embedding"][:vocab]},
-            "layers": out_layers,
-            "lm_head": {"kernel": tree["lm_head"]["kernel"][:, :vocab]},
+            "kind": STACKED_STAGES,
+            "stages": self.degrees.stage,
+            "vocab_size": self.plan.vocab,
+            "padded_vocab": self.plan.padded_vocab,
         }
 
     # --- programs ---

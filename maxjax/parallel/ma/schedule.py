@@ -111,6 +111,9 @@ class MARunner(Runner):
     def _shardings(self, tree: Tree) -> Tree:
         return map_with_path(lambda p, _: self.sharding_of(p), tree)
 
+    def storage_layout(self) -> dict[str, Any]:
+        return self.layout.describe()
+
     def abstract_params(self) -> Params:
         """ShapeDtypeStructs (with shardings) of the MA-layout parameters; allocates nothing."""
         canonical = model.abstract_params(self.cfg)
