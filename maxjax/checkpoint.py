@@ -1,41 +1,58 @@
-"""Checkpoints of a training run, written with orbax, readable under any execution strategy.
+"""Checkpoints of a training run, written with orbax shard by shard, readable under any strategy.
 
 A checkpoint directory holds one sub-directory per saved step (``DIR/<step>/``) with three items:
 
-- ``state``: ``Runner.export_train_state`` = {params, mu, nu, count} in the single-device layout,
-  so a checkpoint written under one strategy restores under any other;
+- ``state``: ``Runner.export_train_state`` = {params, mu, nu, count} in the writing runner's own
+  layout (padded heads and vocabulary, permuted experts, stacked stages), as the sharded arrays
+  it holds: orbax writes each device's shards from where they are, each process only its own
+  (addressable) shards, so no device and no host ever holds a whole pool's tree;
 - ``meta``: JSON with the step, the training data position (``TokenBatches.state()``), the RNG
-  seed and the strategy that wrote it;
+  seed, the strategy that wrote it and ``layout``, its runner's ``storage_layout()`` (what fixes
+  the stored leaves' shapes and order; checkpoints without it hold the single-device layout);
 - ``config``: the run's config as JSON (``Config.to_dict()``).
+
+Restoring with a ``target`` (a runner's layout and its parameters' shardings, `RestoreTarget`)
+whose layout equals the stored one reads each device's shards straight onto that device. Any
+other restore (another strategy, or no target) reads the stored arrays onto one host device and
+converts them there to the single-device layout (`maxjax.parallel.canonical_from_storage`):
+changing strategy passes the whole tree through one device, as a single-device run needs anyway.
 
 Saves are asynchronous: orbax writes into a temporary directory and renames it to ``DIR/<step>``
 only when every item is complete, so a process killed at any moment leaves the previous
 checkpoints intact and at most a temporary directory that restoring ignores. The trainer saves
 only states that `all_finite` (one on-device reduction per device pool) accepts. Restoring
-verifies what it read: the shapes (a mismatch means another model: an error), the dtypes, that
-every value is finite, and that the config item is a valid config; a checkpoint that fails to
-read or verify is reported and restoring falls back to the step before it.
+verifies what it read: the shapes (in the single-device layout; a mismatch means another model:
+an error), the dtypes, that every value is finite, and that the config item is a valid config; a
+checkpoint that fails to read or verify is reported and restoring falls back to the step before
+it.
 
 Everything on disk is found and read through orbax's public API (its step-name format, its
 CheckpointManager and its JSON item handler); this module never opens orbax's files by path.
-
-Limitation: `CheckpointStore.restore` loads the whole exported tree into host memory of every
-process (one float32 copy of parameters, mu and nu) before the runner places it. That is
-about 60 MB for the tiny config but tens of GB at paper scale; there, restoring straight onto
-the runner's shardings (orbax restore targets with ``jax.ShapeDtypeStruct(..., sharding=...)``)
-would be needed.
 """
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+
+class RestoreTarget(NamedTuple):
+    """Where a restore should put the arrays: a runner's `storage_layout()` and its
+    `abstract_params()` (shapes with shardings; mu and nu are placed like the parameters)."""
+
+    layout: dict[str, Any]
+    params: Any
+
+
+def restore_target(runner: Any) -> RestoreTarget:
+    """The `RestoreTarget` of a runner (`maxjax.parallel.Runner`)."""
+    return RestoreTarget(runner.storage_layout(), runner.abstract_params())
 
 
 class CheckpointError(RuntimeError):
@@ -160,6 +177,13 @@ def _leaf_names(tree: Any) -> dict[str, Any]:
     }
 
 
+def _keyed_like(tree: Any, like: Any) -> Any:
+    """`tree` as orbax lists it (integer keys as strings) with the keys of `like` (same nesting)."""
+    if not isinstance(like, dict):
+        return tree
+    return {k: _keyed_like(tree[k] if k in tree else tree[str(k)], v) for k, v in like.items()}
+
+
 def _shape_mismatches(saved: Any, expected: Any) -> list[str]:
     """One message for every expected array that the checkpoint lacks or holds in another shape."""
     saved_leaves, expected_leaves = _leaf_names(saved), _leaf_names(expected)
@@ -219,14 +243,20 @@ class CheckpointStore:
         self._manager.close()
 
     def restore(
-        self, expected_params: Any, step: int | None = None, warn=print
+        self,
+        expected_params: Any,
+        step: int | None = None,
+        warn=print,
+        target: RestoreTarget | None = None,
     ) -> tuple[int, dict[str, Any], dict[str, Any], dict[str, Any]]:
-        """(step, exported state, meta, config) of `step`, or of the newest checkpoint that restores.
+        """(step, state, meta, config) of `step`, or of the newest checkpoint that restores.
 
-        `expected_params` (shapes, e.g. `model.abstract_params(cfg)`) is checked against the
-        checkpoint first; a mismatch raises CheckpointError naming the differing arrays. Arrays
-        come back on the host CPU device. Calls `warn(message)` for each damaged checkpoint
-        skipped.
+        `expected_params` (single-device shapes, e.g. `model.abstract_params(cfg)`) is checked
+        against the checkpoint first; a mismatch raises CheckpointError naming the differing
+        arrays. If `target`'s layout is the stored one, the state comes back in that layout on
+        its shardings, read shard by shard; otherwise in the single-device layout on the host
+        CPU device. ``meta["layout"]`` is the layout of the returned state. Calls
+        `warn(message)` for each damaged checkpoint skipped.
         """
         steps = self.steps()
         if not steps:
@@ -241,7 +271,7 @@ class CheckpointStore:
         failures, last_reason = [], ""
         for s in candidates:
             try:
-                return (s, *self._restore_step(s, expected_params))
+                return (s, *self._restore_step(s, expected_params, target))
             except CheckpointError:
                 raise
             except Exception as e:  # noqa: BLE001 - orbax raises many kinds for damaged files
@@ -255,10 +285,24 @@ class CheckpointStore:
             f"(tried steps {failures}; last error: {last_reason})"
         )
 
-    def _restore_step(self, step: int, expected_params: Any) -> tuple[dict, dict, dict]:
-        metadata = self._manager.item_metadata(step)
-        saved = metadata["state"]
-        problems = _shape_mismatches(saved["params"], expected_params)
+    def _restore_step(
+        self, step: int, expected_params: Any, target: RestoreTarget | None
+    ) -> tuple[dict, dict, dict]:
+        from maxjax.parallel import CANONICAL_LAYOUT, canonical_from_storage
+
+        meta = dict(
+            self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+                "meta"
+            ]
+        )
+        layout = meta.get("layout", CANONICAL_LAYOUT)
+        saved = self._manager.item_metadata(step)["state"]
+        stored = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(tuple(x.shape), x.dtype), saved["params"]
+        )
+        problems = _shape_mismatches(
+            jax.eval_shape(lambda t: canonical_from_storage(layout, t), stored), expected_params
+        )
         if problems:
             shown = "; ".join(problems[:3]) + ("; ..." if len(problems) > 3 else "")
             raise CheckpointError(
@@ -267,21 +311,29 @@ class CheckpointStore:
             )
         host = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
         on_host = lambda x: jax.ShapeDtypeStruct(tuple(x.shape), x.dtype, sharding=host)  # noqa: E731
-        params = jax.tree.map(on_host, expected_params)
-        target = {"params": params, "mu": params, "nu": params, "count": on_host(saved["count"])}
+        direct = target is not None and target.layout == layout
+        params = (
+            target.params if direct else jax.tree.map(on_host, _keyed_like(stored, expected_params))
+        )
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target),
-                meta=ocp.args.JsonRestore(),
+                state=ocp.args.StandardRestore(
+                    {"params": params, "mu": params, "nu": params, "count": on_host(saved["count"])}
+                ),
                 config=ocp.args.JsonRestore(),
             ),
         )
         state = dict(restored["state"])
         state["count"] = np.asarray(state["count"])
+        if not direct:
+            convert = jax.jit(lambda t: canonical_from_storage(layout, t))
+            for part in ("params", "mu", "nu"):
+                state[part] = convert(state[part])
+            layout = CANONICAL_LAYOUT
         config = dict(restored["config"])
         _verify(state, expected_params, config)
-        return state, dict(restored["meta"]), config
+        return state, {**meta, "layout": dict(layout)}, config
 
     def set_aside(self, step: int) -> Path:
         """Move the (damaged) checkpoint `step` to DIR/damaged/<step> so a new save can take its place."""

@@ -23,7 +23,13 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from maxjax import model
-from maxjax.checkpoint import CheckpointError, CheckpointStore, read_config, read_json_item
+from maxjax.checkpoint import (
+    CheckpointError,
+    CheckpointStore,
+    read_config,
+    read_json_item,
+    restore_target,
+)
 from maxjax.config import Config, ConfigError, config_from_dict
 from maxjax.data import DataError, validation_batches
 from maxjax.model import ops
@@ -155,11 +161,14 @@ def restore(
     runner = make_runner(cfg, strategy)
     store = CheckpointStore(checkpoint_dir, create=False)
     try:
-        restored_step, exported, meta, _ = store.restore(model.abstract_params(cfg), step, warn)
+        restored_step, exported, meta, _ = store.restore(
+            model.abstract_params(cfg), step, warn, target=restore_target(runner)
+        )
     finally:
         store.close()
     tx = make_optimizer(cfg)
-    return cfg, runner, runner.import_train_state(exported, restored_step, tx), meta
+    state = runner.import_train_state(exported, restored_step, tx, meta["layout"])
+    return cfg, runner, state, meta
 
 
 def evaluate(

@@ -39,7 +39,7 @@ import optax
 from tqdm import tqdm
 
 from maxjax import model
-from maxjax.checkpoint import CheckpointStore, all_finite
+from maxjax.checkpoint import CheckpointStore, all_finite, restore_target
 from maxjax.config import Config, load_config
 from maxjax.data import TokenBatches, validation_batches
 from maxjax.evaluate import (
@@ -272,7 +272,9 @@ def train(
     store = CheckpointStore(directory, cfg.checkpoint.max_to_keep)
 
     if store.steps():
-        start, exported, meta, saved_cfg = store.restore(model.abstract_params(cfg), warn=_warn)
+        start, exported, meta, saved_cfg = store.restore(
+            model.abstract_params(cfg), warn=_warn, target=restore_target(runner)
+        )
         if allow_config_change:
             changed = _changed_keys(saved_cfg, cfg)
         else:
@@ -281,7 +283,7 @@ def train(
             _warn(f"moved damaged checkpoint of step {damaged} to {store.set_aside(damaged)}")
         if changed:
             _warn(f"resuming with config changes in {', '.join(changed)}")
-        state = runner.import_train_state(exported, start, tx)
+        state = runner.import_train_state(exported, start, tx, meta["layout"])
         train_data.restore(meta["data"])
         _note(f"resumed from the checkpoint of step {start} in {directory}")
     else:
@@ -298,7 +300,12 @@ def train(
                     directory,
                 )
             )
-        meta = {"data": train_data.state(), "seed": cfg.training.seed, "strategy": strategy}
+        meta = {
+            "data": train_data.state(),
+            "seed": cfg.training.seed,
+            "strategy": strategy,
+            "layout": runner.storage_layout(),
+        }
         store.save(state.step, runner.export_train_state(state), meta, cfg.to_dict())
 
     history: list[dict[str, Any]] = []

@@ -203,7 +203,7 @@ plt.show()
 # %% [markdown]
 # ## 4. Restore, evaluate, generate
 #
-# A checkpoint stores the parameters and the AdamW state in the single-device layout together
+# A checkpoint stores the parameters and AdamW state in the strategy's own layout together
 # with the run's config, so it restores under any strategy. `evaluate(dir)` is what
 # `python -m maxjax.evaluate --checkpoint-dir DIR` prints.
 

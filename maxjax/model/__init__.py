@@ -2,6 +2,7 @@
 
 from maxjax.model.ops import AttentionWeights, Routing, RoutingAux
 from maxjax.model.transformer import (
+    InitUnits,
     MoETransformer,
     Params,
     abstract_params,
@@ -17,6 +18,7 @@ from maxjax.model.transformer import (
 
 __all__ = [
     "AttentionWeights",
+    "InitUnits",
     "MoETransformer",
     "Params",
     "Routing",

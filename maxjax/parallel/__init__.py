@@ -13,9 +13,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from maxjax.config import Config, ConfigError
 from maxjax.parallel.mesh import DeviceError
-from maxjax.parallel.runner import LayoutReport, Runner, TrainState
+from maxjax.parallel.runner import (
+    CANONICAL_LAYOUT,
+    LayoutReport,
+    Runner,
+    TrainState,
+    map_with_path,
+)
 from maxjax.parallel.single import SingleRunner
 
 STRATEGIES = ("single", "ma", "tp", "pp", "tp_pp")
@@ -99,8 +107,31 @@ def make_runner(cfg: Config, strategy: str) -> Runner:
     raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
 
 
+def canonical_from_storage(layout: dict, tree: Any) -> Any:
+    """A tree stored in `layout` (a runner's `storage_layout()`) in the single-device layout.
+
+    Pure and traceable, needs no devices: a checkpoint written under one strategy is read under
+    another (or none) through this."""
+    kind = layout["kind"]
+    if kind == CANONICAL_LAYOUT["kind"]:
+        return tree
+    if kind == "ma":
+        from maxjax.parallel.ma.layout import ParamLayout
+
+        param_layout = ParamLayout.from_description(layout)
+        return map_with_path(param_layout.from_layout, tree)
+    if kind == "stacked_stages":
+        from maxjax.parallel.baselines import unstack_stages
+
+        layers = len(tree["layers"])
+        return unstack_stages(tree, layers // layout["stages"], layout["vocab_size"])
+    raise ValueError(f"unknown stored parameter layout {kind!r}")
+
+
 __all__ = [
+    "CANONICAL_LAYOUT",
     "STRATEGIES",
+    "canonical_from_storage",
     "check_strategy",
     "DeviceError",
     "LayoutReport",

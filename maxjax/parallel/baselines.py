@@ -308,6 +308,24 @@ def decode_body(
 
 # --- the runner --------------------------------------------------------------------------------
 
+STACKED_STAGES = "stacked_stages"
+
+
+def unstack_stages(tree: Tree, layers_per_stage: int, vocab_size: int) -> Tree:
+    """Stage-stacked layout -> single-device layout (traceable; no devices needed)."""
+    layers = tree["layers"]
+    keys = sorted(layers, key=int)
+    out_layers = {}
+    for i, key in enumerate(keys):
+        stacked = layers[keys[i % layers_per_stage]]
+        out_layers[key] = jax.tree.map(lambda x, s=i // layers_per_stage: x[s], stacked)
+    return {
+        **tree,
+        "embed": {"embedding": tree["embed"]["embedding"][:vocab_size]},
+        "layers": out_layers,
+        "lm_head": {"kernel": tree["lm_head"]["kernel"][:, :vocab_size]},
+    }
+
 
 class BaselineRunner(Runner):
     """TP, PP or TP+PP (each x DP) on the full mesh; see the module docstring for the layout."""
@@ -373,19 +391,16 @@ class BaselineRunner(Runner):
         }
 
     def _to_canonical(self, tree: Tree) -> Tree:
-        layers = tree["layers"]
-        keys = sorted(layers, key=int)
-        per_stage = self.plan.layers_per_stage
-        out_layers = {}
-        for i, key in enumerate(keys):
-            stacked = layers[keys[i % per_stage]]
-            out_layers[key] = jax.tree.map(lambda x, s=i // per_stage: x[s], stacked)
-        vocab = self.plan.vocab
+        return unstack_stages(tree, self.plan.layers_per_stage, self.plan.vocab)
+
+    def storage_layout(self) -> dict:
+        """Stage-stacked layers and the padded vocabulary (JSON); the tensor split changes no
+        shape, so TP, PP and TP x PP share a stored layout when their stages and padding agree."""
         return {
-            **tree,
-            "embed": {"embedding": tree["embed"]["embedding"][:vocab]},
-            "layers": out_layers,
-            "lm_head": {"kernel": tree["lm_head"]["kernel"][:, :vocab]},
+            "kind": STACKED_STAGES,
+            "stages": self.degrees.stage,
+            "vocab_size": self.plan.vocab,
+            "padded_vocab": self.plan.padded_vocab,
         }
 
     # --- programs ---
@@ -427,11 +442,56 @@ class BaselineRunner(Runner):
 
     # --- Runner interface ---
 
+    def abstract_params(self) -> Params:
+        """ShapeDtypeStructs (with shardings) of this layout's parameters; allocates nothing."""
+        shapes = jax.eval_shape(self._to_layout, model.abstract_params(self.cfg))
+        return jax.tree.map(
+            lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+            shapes,
+            self.shardings,
+        )
+
     def init(self, seed: int) -> Params:
-        return jax.jit(
-            lambda: self._to_layout(model.init_params(self.cfg, seed)),
-            out_shardings=self.shardings,
-        )()
+        """`init_params(cfg, seed)` in this layout, each device building only its own units
+        (`model.InitUnits`: its heads, experts and vocabulary rows) of its stage's layers."""
+        return self.init_program(seed)()
+
+    def init_program(self, seed: int) -> jax.stages.Wrapped:
+        """The jitted program that builds the parameters (no arguments; for `lower`)."""
+        cfg, stages, per_stage = self.cfg, self.degrees.stage, self.plan.layers_per_stage
+        keys = sorted(model.abstract_params(cfg)["layers"], key=int)
+        ids = {
+            "experts": np.arange(cfg.moe.experts_per_layer, dtype=np.int32),
+            "heads": np.arange(cfg.model.attention_heads, dtype=np.int32),
+            "vocab": np.arange(self.plan.padded_vocab, dtype=np.int32),
+        }
+        split = {"experts": P(TENSOR), "heads": P(TENSOR), "vocab": P(VOCAB)}
+
+        def build(local: dict[str, jax.Array]) -> Params:
+            units = model.InitUnits(**local)
+
+            def layers_of(stage: int) -> list[Params]:
+                layers = model.init_params(cfg, seed, units)["layers"]
+                return [
+                    jax.tree.map(lambda x: x[None], layers[keys[stage * per_stage + j]])
+                    for j in range(per_stage)
+                ]
+
+            # Only this device's stage is built: lax.switch runs one branch.
+            own = lax.switch(
+                lax.axis_index(STAGE), [functools.partial(layers_of, s) for s in range(stages)]
+            )
+            params = model.init_params(cfg, seed, units)
+            params["layers"] = {
+                key: own[j]
+                if j < per_stage
+                else jax.tree.map(lambda x: jnp.zeros((0,), x.dtype), params["layers"][key])
+                for j, key in enumerate(keys)
+            }
+            return params
+
+        local = jax.shard_map(build, mesh=self.mesh, in_specs=(split,), out_specs=self.specs)
+        return jax.jit(lambda: local(ids))
 
     def forward(self, params: Params, tokens: jax.Array) -> jax.Array:
         self._check_batch(tokens.shape[0])

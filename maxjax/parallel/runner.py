@@ -28,6 +28,8 @@ from maxjax.parallel.mesh import replicate
 Tree = Any
 Path = tuple[str, ...]
 
+CANONICAL_LAYOUT = {"kind": "canonical"}  # the single-device model's tree, unpadded, in order
+
 
 def tree_paths(tree: Tree) -> list[tuple[Path, Any]]:
     """(path, leaf) pairs of a nested dict, paths as tuples of strings."""
@@ -143,6 +145,10 @@ class Runner(abc.ABC):
         """Parameters with the values of `init_params(cfg, seed)`, in this strategy's layout."""
 
     @abc.abstractmethod
+    def abstract_params(self) -> Params:
+        """ShapeDtypeStructs, with this layout's shardings, of the parameters of `init`."""
+
+    @abc.abstractmethod
     def forward(self, params: Params, tokens: jax.Array) -> jax.Array:
         """Deterministic logits[B, S, V] of tokens[B, S]."""
 
@@ -255,10 +261,16 @@ class Runner(abc.ABC):
         state, grad_norm = self.apply_gradients(state, grads, tx)
         return state, {**metrics, "grad_norm": grad_norm}
 
-    # --- optimizer state in the single-device layout (checkpoints, strategy changes) ---------
+    # --- checkpoints: the train state in this strategy's own layout ---------------------------
+
+    def storage_layout(self) -> dict[str, Any]:
+        """JSON description of the layout `export_train_state` stores (what fixes the leaves'
+        shapes and order; not the devices). Equal descriptions restore directly, shard by shard."""
+        return dict(CANONICAL_LAYOUT)
 
     def export_train_state(self, state: TrainState) -> dict[str, Any]:
-        """{params, mu, nu, count} in the single-device layout: strategy-independent."""
+        """{params, mu, nu, count}, params and moments in this layout, still sharded: a
+        checkpoint writes every device's shards where they are (no gather, no conversion)."""
         mus, nus = [], []
         count = None
         for opt_state in state.opt_state.values():
@@ -266,19 +278,36 @@ class Runner(abc.ABC):
             nus.append(optax.tree_utils.tree_get(opt_state, "nu"))
             count = optax.tree_utils.tree_get_all_with_path(opt_state, "count")[0][1]
         return {
-            "params": self.to_canonical(state.params),
-            "mu": self.to_canonical(merge(*mus)),
-            "nu": self.to_canonical(merge(*nus)),
+            "params": state.params,
+            "mu": merge(*mus),
+            "nu": merge(*nus),
             "count": jax.device_get(count),
         }
 
     def import_train_state(
-        self, exported: dict[str, Any], step: int, tx: optax.GradientTransformation
+        self,
+        exported: dict[str, Any],
+        step: int,
+        tx: optax.GradientTransformation,
+        layout: dict[str, Any] | None = None,
     ) -> TrainState:
-        """Inverse of `export_train_state` for this strategy's layout."""
-        params = self.from_canonical(exported["params"])
-        mu = self.split_pools(self.from_canonical(exported["mu"]))
-        nu = self.split_pools(self.from_canonical(exported["nu"]))
+        """Inverse of `export_train_state`. `layout` is the layout of `exported`: the
+        single-device layout (host or device arrays, placed by `from_canonical`; the default) or
+        this runner's `storage_layout()` (arrays already on this layout's shardings, taken as
+        they are)."""
+        layout = CANONICAL_LAYOUT if layout is None else layout
+        if layout == CANONICAL_LAYOUT:
+            place = self.from_canonical
+        elif layout == self.storage_layout():
+            place = lambda tree: tree  # noqa: E731
+        else:
+            raise ValueError(
+                f"strategy {self.name!r} cannot take parameters stored in layout {layout} "
+                "(convert them to the single-device layout first)"
+            )
+        params = place(exported["params"])
+        mu = self.split_pools(place(exported["mu"]))
+        nu = self.split_pools(place(exported["nu"]))
         state = self.init_train_state(params, tx)
         opt_state = {}
         for name, pool_state in state.opt_state.items():

@@ -26,6 +26,12 @@ class SingleRunner(Runner):
             jax.value_and_grad(functools.partial(model.loss_fn, cfg), has_aux=True)
         )
 
+    def abstract_params(self) -> Params:
+        return jax.tree.map(
+            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.sharding),
+            model.abstract_params(self.cfg),
+        )
+
     def init(self, seed: int) -> Params:
         return jax.jit(
             functools.partial(model.init_params, self.cfg),

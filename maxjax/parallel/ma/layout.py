@@ -154,6 +154,32 @@ class ParamLayout:
         self.vocab_size = cfg.training.vocab_size
         self.padded_vocab = padded_size(self.vocab_size, len(cfg.attention_devices))
 
+    KIND = "ma"
+
+    def describe(self) -> dict:
+        """What fixes the leaves' shapes and order (JSON): stored with a checkpoint, so that
+        `from_description(...).from_layout` reads it back into the single-device layout."""
+        return {
+            "kind": self.KIND,
+            "expert_order": [int(e) for e in self.experts.order],
+            "heads_per_device": [int(n) for n in self.heads.heads_per_device],
+            "head_dim": int(self.heads.head_dim),
+            "vocab_size": int(self.vocab_size),
+            "padded_vocab": int(self.padded_vocab),
+        }
+
+    @classmethod
+    def from_description(cls, description: dict) -> ParamLayout:
+        """The layout `describe` wrote, without a config or devices."""
+        layout = cls.__new__(cls)
+        heads = tuple(description["heads_per_device"])
+        layout.heads = HeadLayout(heads, max(heads), description["head_dim"])
+        order = np.array(description["expert_order"], np.int32)
+        layout.experts = ExpertOrder(order, np.argsort(order).astype(np.int32))
+        layout.vocab_size = description["vocab_size"]
+        layout.padded_vocab = description["padded_vocab"]
+        return layout
+
     @staticmethod
     def is_expert(path: Path) -> bool:
         return "experts" in tuple(map(str, path))

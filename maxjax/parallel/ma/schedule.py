@@ -45,6 +45,7 @@ from maxjax.parallel.ma.stages import (
 )
 from maxjax.parallel.ma.transport import PieceTransport
 from maxjax.parallel.mesh import (
+    ATTENTION_AXIS,
     EXPERT_AXIS,
     attention_submesh,
     expert_submesh,
@@ -110,6 +111,9 @@ class MARunner(Runner):
     def _shardings(self, tree: Tree) -> Tree:
         return map_with_path(lambda p, _: self.sharding_of(p), tree)
 
+    def storage_layout(self) -> dict[str, Any]:
+        return self.layout.describe()
+
     def abstract_params(self) -> Params:
         """ShapeDtypeStructs (with shardings) of the MA-layout parameters; allocates nothing."""
         canonical = model.abstract_params(self.cfg)
@@ -120,17 +124,30 @@ class MARunner(Runner):
         )
 
     def init(self, seed: int) -> Params:
-        """`init_params(cfg, seed)` built per pool by a jit whose outputs are already sharded."""
-        pools = []
-        for pool in (ATTENTION_POOL, EXPERT_POOL):
+        """`init_params(cfg, seed)` in the MA layout, each device building only its own units
+        (`model.InitUnits`): an expert device its experts, an attention device its head slots
+        (padded slots zero) and vocabulary rows; the norms and the router on every attention
+        device. Nothing is generated whole and then cut or permuted."""
+        return merge(*(self.init_program(pool, seed)() for pool in (ATTENTION_POOL, EXPERT_POOL)))
 
-            def build(pool: str = pool) -> Params:
-                params = map_with_path(self.layout.to_layout, model.init_params(self.cfg, seed))
-                return select(params, lambda p, pool=pool: self.pool_of(p) == pool)
+    def init_program(self, pool: str, seed: int) -> jax.stages.Wrapped:
+        """The jitted program that builds `pool`'s parameters (no arguments; for `lower`)."""
+        none = np.zeros((0,), np.int32)
+        if pool == EXPERT_POOL:
+            mesh, axis = self.expert_mesh, EXPERT_AXIS
+            ids = {"experts": self.experts.order, "heads": none, "vocab": none}
+        else:
+            mesh, axis = self.attention_mesh, ATTENTION_AXIS
+            slots, vocab = self.heads.slot_heads(), np.arange(self.padded_vocab, dtype=np.int32)
+            ids = {"experts": none, "heads": slots, "vocab": vocab}
 
-            shardings = self._shardings(jax.eval_shape(build))
-            pools.append(jax.jit(build, out_shardings=shardings)())
-        return merge(*pools)
+        def build(local_ids: dict[str, jax.Array]) -> Params:
+            params = model.init_params(self.cfg, seed, model.InitUnits(**local_ids))
+            return select(params, lambda p: self.pool_of(p) == pool)
+
+        specs = map_with_path(lambda p, _: self.spec_of(p), jax.eval_shape(build, ids))
+        local = jax.shard_map(build, mesh=mesh, in_specs=P(axis), out_specs=specs)
+        return jax.jit(lambda: local(ids))
 
     def to_canonical(self, tree: Tree) -> Tree:
         """Undo padding and permutation per pool; the leaves stay on their pool's devices."""
