@@ -130,8 +130,7 @@ def lm_head_logits(plan: Plan, params: Params, x: jax.Array) -> jax.Array:
     """This device's vocabulary columns of the logits [B, S, V/shards] (float32)."""
     dtype = compute_dtype(plan.cfg)
     x = ops.rms_norm(x, params["final_norm"]["scale"])
-    kernel = params["lm_head"]["kernel"].astype(dtype)
-    return jnp.einsum("bsm,mv->bsv", x.astype(dtype), kernel).astype(jnp.float32)
+    return ops.matmul("bsm,mv->bsv", x, params["lm_head"]["kernel"], dtype)
 
 
 def expert_parallel_moe(

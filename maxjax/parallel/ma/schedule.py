@@ -499,9 +499,12 @@ class MARunner(Runner):
 
     # --- ahead-of-time compilation (paper-scale cost and memory without running) ---------------
 
-    def lower_stages(self, batch: int, seq_len: int) -> dict[str, jax.stages.Lowered]:
+    def lower_stages(
+        self, batch: int, seq_len: int, platforms: tuple[str, ...] | None = None
+    ) -> dict[str, jax.stages.Lowered]:
         """The training attention stage (layer > 0) and expert stage, lowered for abstract
-        inputs of one micro-batch of `batch` sequences of `seq_len` tokens."""
+        inputs of one micro-batch of `batch` sequences of `seq_len` tokens (for `platforms`,
+        e.g. ("cuda",), instead of this machine's backend if given)."""
         cfg = self.cfg
         split = self.token_split(batch)
         programs = self.programs(split)
@@ -535,13 +538,13 @@ class MARunner(Runner):
         outgoing = NamedSharding(mesh, OUTGOING)
         incoming_shape = (split.replicas, per_device, batch, capacity, width)
         received = tuple(wire(incoming_shape, outgoing) for _ in range(split.expert_devices))
-        attention = programs.middle_vjp.lower(
+        attention = programs.middle_vjp.trace(
             attention_part(layer), state, received, like(self._head_mask(split))
-        )
+        ).lower(lowering_platforms=platforms)
         piece = (split.expert_devices, per_device, batch // split.sequence_shards, capacity, width)
         on_experts = NamedSharding(self.expert_mesh, INCOMING)
         inputs = tuple(wire(piece, on_experts) for _ in range(split.sequence_shards))
-        expert = programs.experts_vjp.lower(
+        expert = programs.experts_vjp.trace(
             layer["moe"]["experts"],
             inputs,
             like(self._expert_rows),
@@ -550,7 +553,7 @@ class MARunner(Runner):
             ),
             None,
             0,
-        )
+        ).lower(lowering_platforms=platforms)
         return {"attention": attention, "experts": expert}
 
 

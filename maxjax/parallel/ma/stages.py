@@ -205,8 +205,7 @@ class StagePrograms:
     def _head_logits(self, head: Tree, x: jax.Array) -> jax.Array:
         """This device's vocabulary columns of the logits of the whole micro-batch."""
         z = lax.all_gather(ops.rms_norm(x, head["final_norm"]["scale"]), SEQ, axis=0, tiled=True)
-        kernel = head["lm_head"]["kernel"].astype(self.dtype)
-        return jnp.einsum("bsm,mv->bsv", z.astype(self.dtype), kernel).astype(jnp.float32)
+        return ops.matmul("bsm,mv->bsv", z, head["lm_head"]["kernel"], self.dtype)
 
     def _head_loss(self, head: Tree, x: jax.Array, targets: jax.Array) -> jax.Array:
         logits = self._head_logits(head, x)
