@@ -113,6 +113,31 @@ def test_batch_must_divide(baseline, tokens):
         runner.forward(params, tokens[:3, :SEQ])
 
 
+def test_gradient_checkpointing_saves_memory_and_changes_no_gradient(cfg, reference, tokens):
+    """Every decoder layer a `jax.checkpoint`: the compiled step needs clearly less temporary
+    memory, and loss and gradients stay the single-device model's (float32 bounds above).
+
+    Memory is compared at 256 tokens per sequence, where the layers' activations (attention
+    scores grow with its square) outweigh the parameter-sized buffers (gradients, embedding and
+    LM head shards); measured on XLA:CPU: 418 MB instead of 534 MB per device (0.78)."""
+    remat_cfg = with_overrides(cfg, ["training.gradient_checkpointing=true"])
+    long_tokens = jnp.zeros((BATCH, 257), jnp.int32)
+    temp = {}
+    for name, c in (("plain", cfg), ("remat", remat_cfg)):
+        runner = make_runner(c, "tp_pp")
+        params = runner.init(0)
+        program = runner.train_program(params, long_tokens)
+        temp[name] = program.memory_analysis().temp_size_in_bytes
+    assert temp["remat"] <= 0.85 * temp["plain"], temp
+    metrics, grads = runner.value_and_grad(params, tokens, jax.random.key(7))
+    for name, value in reference["metrics"].items():
+        assert relative_error(metrics[name], value) <= 1e-5, name
+    for (path, a), (_, b) in zip(
+        tree_paths(runner.gather(grads)), tree_paths(reference["grads"]), strict=True
+    ):
+        assert relative_error(a, b) <= 1e-4, ".".join(path)
+
+
 # bfloat16 parity. Every strategy rounds the same float32 values to bf16 at the same places
 # (`ops.matmul`, `ops.round_to`, explicit so XLA cannot skip a rounding in one program only).
 # They differ only where a float32 sum runs in another order or split (heads over the tensor

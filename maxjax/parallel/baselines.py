@@ -18,6 +18,8 @@ All three run one `jax.shard_map` program over the full mesh reshaped to (data, 
   move to the next stage with a ppermute over 'stage'. All forward micro-batches run first, then
   the backward pass (jax.grad through the unrolled schedule) runs them in reverse. Ticks where a
   stage has no micro-batch (the bubble) compute on zeros and are masked out.
+- With ``training.gradient_checkpointing`` every decoder layer is a `jax.checkpoint`: the
+  backward pass keeps only each layer's input and computes the layer again.
 - Embedding and lm_head are vocabulary-parallel over the stage x tensor devices of a data replica
   (rows / columns padded to a multiple of their count): lookups are psum'd, the cross-entropy
   uses a psum'd log-sum-exp. This keeps their memory divided like the layers' rather than holding
@@ -242,10 +244,17 @@ def hidden_states(
     layers = local_layers(plan, params)
     first_sequence = lax.axis_index(DATA) * batch
 
+    def run_layer(layer, x, key, sequence_ids):
+        x, r, _ = decoder_layer(plan, layer, x, 0, None, key, sequence_ids)
+        return x, r
+
+    if plan.cfg.training.gradient_checkpointing:
+        run_layer = jax.checkpoint(run_layer)
+
     def stage_fn(x, aux_sum, micro, valid):
         sequence_ids = first_sequence + micro * size + jnp.arange(size)
         for i, layer in enumerate(layers):
-            x, r, _ = decoder_layer(plan, layer, x, 0, None, layer_key(plan, rng, i), sequence_ids)
+            x, r = run_layer(layer, x, layer_key(plan, rng, i), sequence_ids)
             aux = jax.tree.map(lambda a: jnp.where(valid, a * size, 0.0), ops.routing_aux(r))
             aux_sum = jax.tree.map(jnp.add, aux_sum, aux)
         return x, aux_sum

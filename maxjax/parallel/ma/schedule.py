@@ -6,7 +6,8 @@ stage of (l, i+1) is dispatched right after, so it runs while the experts work o
 host never waits inside a step: programs and copies are queued and run when their inputs are
 ready. Backward sweep: the head's forward and backward in one program per micro-batch, then the
 layers in reverse with each stage's VJP (its residuals stay on the stage's devices), the same
-order. The byte counters (`bytes_moved`) count what crosses the pool boundary and, separately,
+order; with `training.gradient_checkpointing` the forward sweep keeps only each stage's inputs
+and the backward program runs the stage's forward again before applying its VJP. The byte counters (`bytes_moved`) count what crosses the pool boundary and, separately,
 what the attention pool's collectives move inside it.
 """
 
@@ -204,8 +205,12 @@ class MARunner(Runner):
     # --- bytes -----------------------------------------------------------------------------------
 
     def _reset_counters(self) -> None:
-        """Start counting a new call: programs dispatched and bytes moved."""
+        """Start counting a new call: programs dispatched, bytes moved, and (`value_and_grad`)
+        `saved_bytes`, the bytes the forward sweep keeps for the backward sweep beyond the
+        parameters: every stage's VJP residuals, or with `training.gradient_checkpointing`
+        only the activations each stage takes as input (summed over the devices holding them)."""
         self.programs_dispatched = 0
+        self.saved_bytes = 0
         self.transport.copies_dispatched = 0
         self.bytes_moved = dict.fromkeys(COUNTERS, 0)
 
@@ -410,31 +415,47 @@ class MARunner(Runner):
         layers = params["layers"]
         keys = sorted(layers, key=int)
 
-        # Forward, layer by layer, micro-batches interleaved; keep every stage's VJP.
+        # Forward, layer by layer, micro-batches interleaved. Kept for the backward sweep: each
+        # stage's VJP (its residuals) or, with gradient checkpointing, only its inputs.
+        remat = self.cfg.training.gradient_checkpointing
         states: list[Any] = [None] * len(micro)
-        attention_vjps = [[None] * len(micro) for _ in keys]
-        expert_vjps = [[None] * len(micro) for _ in keys]
+        attention_kept = [[None] * len(micro) for _ in keys]
+        expert_kept = [[None] * len(micro) for _ in keys]
         aux_terms = []
         for depth, key in enumerate(keys):
             layer = layers[key]
             for i, toks in enumerate(micro):
                 if depth == 0:
                     args = (params["embed"], attention_part(layer), toks[:, :-1], head_mask)
-                    out, attention_vjps[depth][i] = self._run(programs.first_vjp, *args)
                 else:
                     args = (attention_part(layer), *states[i], head_mask)
-                    out, attention_vjps[depth][i] = self._run(programs.middle_vjp, *args)
-                state, pieces, aux = out
+                    if remat:
+                        self.saved_bytes += device_bytes(states[i])
+                if remat:
+                    program = programs.first if depth == 0 else programs.middle
+                    state, pieces, aux, _ = self._run(program, *args)
+                    attention_kept[depth][i] = args
+                else:
+                    program = programs.first_vjp if depth == 0 else programs.middle_vjp
+                    (state, pieces, aux), attention_kept[depth][i] = self._run(program, *args)
+                    self.saved_bytes += device_bytes(attention_kept[depth][i])
                 aux_terms.append(aux)
-                outputs, expert_vjps[depth][i] = self._run(
-                    programs.experts_vjp,
+                inputs = self._to_experts(pieces, split, "attention_to_experts")
+                args = (
                     layer["moe"]["experts"],
-                    self._to_experts(pieces, split, "attention_to_experts"),
+                    inputs,
                     self._expert_rows,
                     self._sequence_ids(i, size),
                     rng,
                     depth,
                 )
+                if remat:
+                    outputs = self._run(programs.experts, *args)
+                    expert_kept[depth][i] = args
+                    self.saved_bytes += device_bytes(inputs)
+                else:
+                    outputs, expert_kept[depth][i] = self._run(programs.experts_vjp, *args)
+                    self.saved_bytes += device_bytes(expert_kept[depth][i])
                 states[i] = (state, self._to_attention(outputs, split, "experts_to_attention"))
 
         # The head's forward and backward (one program per micro-batch), then the layers in
@@ -455,35 +476,23 @@ class MARunner(Runner):
             attention_acc, experts_acc = None, None
             for i in range(len(micro)):
                 d_h, d_gates, d_received = cotangents[i]
-                experts_acc, d_inputs = self._run(
-                    programs.experts_backward,
-                    expert_vjps[depth][i],
-                    self._to_experts(d_received, split, "backward_to_experts"),
-                    experts_acc,
-                )
+                d_out = self._to_experts(d_received, split, "backward_to_experts")
+                kept = expert_kept[depth][i] if remat else (expert_kept[depth][i],)
+                program = programs.experts_recompute if remat else programs.experts_backward
+                experts_acc, d_inputs = self._run(program, *kept, d_out, experts_acc)
                 d_pieces = self._to_attention(d_inputs, split, "backward_to_attention")
+                kept = attention_kept[depth][i] if remat else (attention_kept[depth][i],)
+                d_layer = (d_h, d_pieces, d_gates, aux_weight)
                 if depth > 0:
+                    program = programs.middle_recompute if remat else programs.layer_backward
                     attention_acc, cotangents[i] = self._run(
-                        programs.layer_backward,
-                        attention_vjps[depth][i],
-                        d_h,
-                        d_pieces,
-                        d_gates,
-                        aux_weight,
-                        attention_acc,
+                        program, *kept, *d_layer, attention_acc
                     )
                 else:
+                    program = programs.first_recompute if remat else programs.first_backward
                     acc = None if attention_acc is None else (embed_grads, attention_acc)
-                    embed_grads, attention_acc = self._run(
-                        programs.first_backward,
-                        attention_vjps[depth][i],
-                        d_h,
-                        d_pieces,
-                        d_gates,
-                        aux_weight,
-                        acc,
-                    )
-                attention_vjps[depth][i] = expert_vjps[depth][i] = None
+                    embed_grads, attention_acc = self._run(program, *kept, *d_layer, acc)
+                attention_kept[depth][i] = expert_kept[depth][i] = None
             attention_acc["moe"]["experts"] = experts_acc
             layer_grads[keys[depth]] = attention_acc
         # Forward: every layer's stages plus the head; backward: the transposed collectives.
@@ -555,6 +564,13 @@ class MARunner(Runner):
             0,
         ).lower(lowering_platforms=platforms)
         return {"attention": attention, "experts": expert}
+
+
+def device_bytes(tree: Any) -> int:
+    """Bytes the device arrays of `tree` hold, summed over every device that holds a copy."""
+    return sum(
+        shard.data.nbytes for leaf in jax.tree.leaves(tree) for shard in leaf.addressable_shards
+    )
 
 
 def pool_bytes_per_stage(split: TokenSplit, batch: int, seq: int, width: int) -> int:

@@ -418,6 +418,20 @@ class StagePrograms:
             d_params, d_in = vjp(d_out)
             return _accumulate(acc, d_params), d_in
 
+        # With gradient checkpointing the forward sweep keeps only each stage's inputs; these
+        # programs run the stage's forward again (its VJP) and apply it, in one program.
+        def first_recompute(embed, layer, tokens, head_mask, d_h, d_pieces, d_gates, w, acc):
+            _, vjp = first_vjp(embed, layer, tokens, head_mask)
+            return first_backward(vjp, d_h, d_pieces, d_gates, w, acc)
+
+        def middle_recompute(layer, state, wires, head_mask, d_h, d_pieces, d_gates, w, acc):
+            _, vjp = middle_vjp(layer, state, wires, head_mask)
+            return layer_backward(vjp, d_h, d_pieces, d_gates, w, acc)
+
+        def experts_recompute(params, wires, expert_ids, sequence_ids, rng, depth, d_out, acc):
+            _, vjp = experts_vjp(params, wires, expert_ids, sequence_ids, rng, depth)
+            return experts_backward(vjp, d_out, acc)
+
         self.first = jax.jit(first)
         self.middle = jax.jit(middle)
         self.experts = jax.jit(experts)
@@ -430,6 +444,9 @@ class StagePrograms:
         self.layer_backward = jax.jit(layer_backward, donate_argnums=(5,))
         self.first_backward = jax.jit(first_backward, donate_argnums=(5,))
         self.experts_backward = jax.jit(experts_backward, donate_argnums=(2,))
+        self.first_recompute = jax.jit(first_recompute, donate_argnums=(8,))
+        self.middle_recompute = jax.jit(middle_recompute, donate_argnums=(8,))
+        self.experts_recompute = jax.jit(experts_recompute, donate_argnums=(7,))
 
 
 def _accumulate(acc: Tree | None, grads: Tree) -> Tree:
