@@ -336,6 +336,7 @@ class BaselineRunner(Runner):
         self._to_canonical_fn = jax.jit(self._to_canonical)
         self._forward = jax.jit(self._forward_fn)
         self._value_and_grad = jax.jit(jax.value_and_grad(self._loss_fn, has_aux=True))
+        self._lm_loss = jax.jit(lambda p, t: self._loss_fn(p, t, None)[1]["lm_loss"])
         self._decode_plan = dataclasses.replace(
             self.plan, cfg=decode.inference_config(cfg), microbatches=1
         )
@@ -444,6 +445,11 @@ class BaselineRunner(Runner):
     def forward(self, params: Params, tokens: jax.Array) -> jax.Array:
         self._check_batch(tokens.shape[0])
         return self._forward(params, tokens)
+
+    def loss(self, params: Params, tokens: jax.Array) -> jax.Array:
+        """The LM loss of `loss_body`: vocabulary-parallel cross-entropy, logits never whole."""
+        self._check_batch(tokens.shape[0])
+        return self._lm_loss(params, tokens)
 
     def value_and_grad(
         self, params: Params, tokens: jax.Array, rng: jax.Array | None = None

@@ -340,6 +340,20 @@ class MARunner(Runner):
         logits = [self._run(programs.logits, head, *state) for state in states]
         return logits[0] if len(logits) == 1 else jnp.concatenate(logits, axis=0)
 
+    def loss(self, params: Params, tokens: jax.Array) -> jax.Array:
+        """Mean next-token cross-entropy: the forward sweep, then per micro-batch the head's
+        vocabulary-split cross-entropy (`StagePrograms.lm_loss`); logits are never gathered."""
+        self._reset_counters()
+        micro = self._split_batch(tokens)
+        states, _ = self._forward_sweep(params, [toks[:, :-1] for toks in micro])
+        programs = self.programs(self.token_split(micro[0].shape[0]))
+        head = head_part(params)
+        losses = [
+            self._run(programs.lm_loss, head, *state, toks[:, 1:])
+            for state, toks in zip(states, micro, strict=True)
+        ]
+        return self._run(_mean, losses)
+
     # --- decoding --------------------------------------------------------------------------------
 
     def init_caches(self, batch: int, max_len: int) -> list[decode.KVCache]:
@@ -564,6 +578,11 @@ class MARunner(Runner):
             0,
         ).lower(lowering_platforms=platforms)
         return {"attention": attention, "experts": expert}
+
+
+@jax.jit
+def _mean(values: list[jax.Array]) -> jax.Array:
+    return jnp.mean(jnp.stack(values))
 
 
 def device_bytes(tree: Any) -> int:

@@ -364,6 +364,9 @@ class StagePrograms:
         def logits(head, state, wires):
             return self.head_logits(head, state, received_in(wires))
 
+        def lm_loss(head, state, wires, targets):
+            return self.head_loss(head, state, received_in(wires), targets)
+
         def last_logits(head, state, wires):
             """Logits [b, V] of the last position only (decoding)."""
             last = jax.tree.map(lambda x: x[:, -1:], state)
@@ -436,6 +439,7 @@ class StagePrograms:
         self.middle = jax.jit(middle)
         self.experts = jax.jit(experts)
         self.logits = jax.jit(logits)
+        self.lm_loss = jax.jit(lm_loss)
         self.last_logits = jax.jit(last_logits)
         self.first_vjp = jax.jit(first_vjp)
         self.middle_vjp = jax.jit(middle_vjp)
