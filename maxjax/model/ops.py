@@ -144,24 +144,49 @@ def rotary(x: jax.Array, positions: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
+ATTENTION_BLOCK = 256
+"""Query rows per block of `causal_attention` when the query is longer than this."""
+
+
 def causal_attention(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
     q_positions: jax.Array,
     kv_positions: jax.Array,
+    block: int = ATTENTION_BLOCK,
 ) -> jax.Array:
     """Softmax attention of q[B, S, N, D] over k, v[B, T, N, D], keys at or before the query.
 
     Positions are integers per batch row ([B, S] and [B, T]) or shared ([S] and [T]); a key whose
     position is later than the query's is masked, so a KV cache marks unfilled slots with a large
-    position.
+    position. A query longer than `block` rows (and a multiple of it) is taken `block` rows at a
+    time, each block a full softmax over all keys under `jax.checkpoint`: the float32 scores
+    exist for one block [B, N, block, T] at a time, forward and backward (where a block's scores
+    are computed again), instead of [B, N, S, T] at once.
     """
+    batch, seq = q.shape[:2]
+    q_pos = jnp.broadcast_to(q_positions, (batch, seq))
+    kv_pos = jnp.broadcast_to(kv_positions, (k.shape[0], k.shape[1]))
+    if seq <= block or seq % block:
+        return _attention_rows(q, k, v, q_pos, kv_pos)
+    blocks = seq // block
+
+    def by_block(x: jax.Array) -> jax.Array:
+        return jnp.moveaxis(x.reshape(batch, blocks, block, *x.shape[2:]), 1, 0)
+
+    rows = jax.checkpoint(lambda qp: _attention_rows(qp[0], k, v, qp[1], kv_pos))
+    out = jax.lax.map(rows, (by_block(q), by_block(q_pos)))  # [blocks, B, block, N, D]
+    return jnp.moveaxis(out, 0, 1).reshape(q.shape)
+
+
+def _attention_rows(
+    q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, kv_pos: jax.Array
+) -> jax.Array:
+    """Causal softmax attention of q[B, S, N, D] at q_pos[B, S] over keys at kv_pos[B, T]."""
     head_dim = q.shape[-1]
     scores = matmul("bsnd,btnd->bnst", q, k, q.dtype)
     scores = scores / jnp.sqrt(jnp.float32(head_dim))
-    q_pos = jnp.broadcast_to(q_positions, (q.shape[0], q.shape[1]))
-    kv_pos = jnp.broadcast_to(kv_positions, (k.shape[0], k.shape[1]))
     visible = kv_pos[:, None, None, :] <= q_pos[:, None, :, None]  # [B, 1, S, T]
     scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(scores, axis=-1)
