@@ -222,8 +222,8 @@ class Training:
         "float32",
     )
     gradient_checkpointing: bool = _key(
-        "rematerialise activations in the backward pass (not implemented by the runners yet) "
-        "(maxjax)",
+        "rematerialise activations in the backward pass: keep each layer's (MA: each stage's) "
+        "input, compute the layer again for its gradient; every strategy (maxjax)",
         False,
     )
     seed: int = _key("seed of initialisation, data order and dropout keys (maxjax)", 0)

@@ -32,7 +32,6 @@ from maxjax.checkpoint import (
 )
 from maxjax.config import Config, ConfigError, config_from_dict
 from maxjax.data import DataError, validation_batches
-from maxjax.model import ops
 from maxjax.optim import make_optimizer
 from maxjax.parallel import (
     STRATEGIES,
@@ -111,20 +110,16 @@ def data_shard() -> dict[str, int]:
 
 # --- validation -----------------------------------------------------------------------------
 
-_cross_entropy = jax.jit(ops.cross_entropy)
-
 
 def validation_loss(runner: Runner, params: model.Params, batches: list[np.ndarray]) -> float:
     """Mean next-token cross-entropy (no dropout, no auxiliary losses) over equal-sized batches.
 
-    Each batch's loss is fetched before the next batch is dispatched: with many multi-device
-    programs queued at once, XLA's CPU collectives can wait on each other past their rendezvous
-    timeout (seen with MA separation's forward on 16 emulated devices)."""
-    losses = []
-    for b in batches:
-        logits = runner.forward(params, global_batch(b[:, :-1]))
-        losses.append(float(_cross_entropy(logits, global_batch(b[:, 1:]))))
-    return float(np.mean(losses))
+    `runner.loss` computes it the strategy's way (vocabulary-parallel where the vocabulary is
+    sharded), never holding the logits [B, S, V] whole. Each batch's loss is fetched before the
+    next batch is dispatched: with many multi-device programs queued at once, XLA's CPU
+    collectives can wait on each other past their rendezvous timeout (seen with MA
+    separation's forward on 16 emulated devices)."""
+    return float(np.mean([float(runner.loss(params, global_batch(b))) for b in batches]))
 
 
 def perplexity(loss: float) -> float:

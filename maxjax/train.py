@@ -262,8 +262,6 @@ def train(
     steps = steps or cfg.schedule.total_steps
     directory = Path(checkpoint_dir or cfg.checkpoint.directory)
     check_strategy(cfg, strategy, cfg.sequence.batch_size)
-    if cfg.training.gradient_checkpointing:
-        _warn("training.gradient_checkpointing is set, but the runners do not rematerialise yet")
     train_data = TokenBatches(cfg, "train", **data_shard())
     val_data = validation_batches(cfg, cfg.training.validation_batches, **data_shard())
     runner = make_runner(cfg, strategy)

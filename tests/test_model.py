@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _reference import BFLOAT16_STEP, bfloat16_flop_fraction
 from flax import nnx
 
 from maxjax import model, routing
@@ -179,3 +180,118 @@ def test_gradient_checkpointing_changes_nothing_but_memory(tiny_cfg):
         assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b), ".".join(path)
     forward = jax.make_jaxpr(lambda p: model.loss_fn(remat_cfg, p, tokens)[0])(params)
     assert "remat" in str(forward)
+
+
+def bfloat16_rounded(x):
+    return np.asarray(jnp.asarray(x).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+
+
+def test_bfloat16_matmul_rounds_operands_and_sums_in_float32():
+    """Forward and both backward products take bf16-rounded operands (the cotangent too) and
+    sum in float32: equal to float64 products of the rounded operands up to float32 summation
+    (at most 256 terms here: a relative 256 * 2^-24 = 1.5e-5 in the worst case). The weight
+    gradient comes back float32, never rounded to bf16."""
+    kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (4, 16, 256))
+    w = jax.random.normal(kw, (256, 64)) * 0.05
+    g = jax.random.normal(kg, (4, 16, 64))
+    y, vjp = jax.vjp(lambda x, w: ops.matmul("bsm,mh->bsh", x, w, jnp.bfloat16), x, w)
+    d_x, d_w = vjp(g)
+    assert y.dtype == d_x.dtype == d_w.dtype == jnp.float32
+    xr, wr, gr = bfloat16_rounded(x), bfloat16_rounded(w), bfloat16_rounded(g)
+    for got, want in (
+        (y, np.einsum("bsm,mh->bsh", xr, wr)),
+        (d_x, np.einsum("bsh,mh->bsm", gr, wr)),
+        (d_w, np.einsum("bsm,bsh->mh", xr, gr)),
+    ):
+        got = np.asarray(got, np.float64)
+        assert np.linalg.norm(got - want) <= 1.5e-5 * np.linalg.norm(want)
+    # The float32 product of unrounded operands is farther away by about a bf16 rounding.
+    exact = np.einsum("bsm,mh->bsh", np.asarray(x, np.float64), np.asarray(w, np.float64))
+    assert np.linalg.norm(np.asarray(y) - exact) > 1e-3 * np.linalg.norm(exact)
+
+
+def test_bfloat16_training_step_multiplies_in_bfloat16(tiny_cfg):
+    """Lowered for a GPU, the loss-and-gradient program of the bf16 model runs its products on
+    bf16 operands, forward and backward; only the router logits and the combine (top-k gate
+    weighting, k=2 terms) stay float32 by design, a small share of the flops."""
+    cfg = with_overrides(tiny_cfg, ["training.dtype=bfloat16", "model.layers=2"])
+    params = model.abstract_params(cfg)
+    tokens = jax.ShapeDtypeStruct((2, 17), jnp.int32)
+    step = jax.jit(jax.grad(lambda p, t: model.loss_fn(cfg, p, t, jax.random.key(1))[0]))
+    lowered = step.trace(params, tokens).lower(lowering_platforms=("cuda",))
+    assert bfloat16_flop_fraction(lowered) >= 0.98
+    grads = jax.eval_shape(step, params, tokens)
+    assert {leaf.dtype for leaf in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
+
+
+def test_bfloat16_model_is_measurably_not_float32(tiny_cfg):
+    """The bf16 model's logits differ from the float32 model's by many bf16 steps of a
+    rounding per product (so a strategy that left out the bf16 rounding would fail the bf16
+    parity tolerances of tests/test_ma.py and tests/test_baselines.py, one step)."""
+    bf16 = with_overrides(tiny_cfg, ["training.dtype=bfloat16", "model.layers=2"])
+    f32 = with_overrides(bf16, ["training.dtype=float32"])
+    params = model.init_params(f32, 0)
+    tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 50257)
+    logits = {
+        name: np.asarray(jax.jit(lambda p, c=c: model.apply(c, p, tokens)[0])(params))
+        for name, c in (("bf16", bf16), ("f32", f32))
+    }
+    difference = np.linalg.norm(logits["bf16"] - logits["f32"]) / np.linalg.norm(logits["f32"])
+    assert difference > 4 * BFLOAT16_STEP
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_query_blocked_attention_equals_plain_attention(dtype):
+    """Blocks of query rows, each a full softmax over every key: the same float32 arithmetic
+    row by row as the whole [B, N, S, T] at once, so outputs and gradients agree up to float32
+    reordering (and, at bf16, the rare bf16 rounding it flips): 1e-5 in float32, one bf16
+    step (2^-8) at bf16. Causal masking and per-row positions (a KV cache's) are kept."""
+    kq, kk, kv, kg = jax.random.split(jax.random.key(0), 4)
+    shape = (2, 64, 4, 8)
+    q, k, v, g = (jax.random.normal(key, shape) for key in (kq, kk, kv, kg))
+    positions = jnp.stack([jnp.arange(64), jnp.arange(64) + 5])
+
+    def attend(block):
+        def fn(q, k, v):
+            args = (x.astype(dtype) for x in (q, k, v))
+            out = ops.causal_attention(*args, positions, positions, block=block)
+            return out.astype(jnp.float32)
+
+        out, vjp = jax.vjp(fn, q, k, v)
+        return [out, *vjp(g)]
+
+    plain, blocked = (
+        [np.asarray(x, np.float64) for x in jax.jit(lambda b=b: attend(b))()] for b in (64, 16)
+    )
+    tolerance = 1e-5 if dtype == jnp.float32 else BFLOAT16_STEP
+    for got, want in zip(blocked, plain, strict=True):
+        assert np.linalg.norm(got - want) <= tolerance * np.linalg.norm(want)
+    # Causal: rows before 40 (35 in the second sequence) depend on no key from there on.
+    changed = v.at[:, 40:].set(0.0)
+    before = ops.causal_attention(q, k, v, positions, positions, block=16)
+    after = ops.causal_attention(q, k, changed, positions, positions, block=16)
+    np.testing.assert_array_equal(after[:, :40], before[:, :40])
+    assert not np.allclose(after[:, 40:], before[:, 40:])
+
+
+def test_query_blocked_attention_never_holds_all_scores():
+    """Compiled forward and backward of 512 rows in blocks of 64: no [B, N, S, T] float32
+    array, and a fraction of the plain form's temporary memory."""
+    shape = (2, 512, 4, 8)
+    q = jax.ShapeDtypeStruct(shape, jnp.float32)
+    positions = jnp.arange(512)
+
+    def step(block):
+        def loss(q, k, v):
+            return jnp.sum(ops.causal_attention(q, k, v, positions, positions, block=block))
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, q, q).compile()
+
+    plain, blocked = step(512), step(64)
+    assert "f32[2,4,512,512]" in plain.as_text()
+    assert "f32[2,4,512,512]" not in blocked.as_text()
+    temp = {
+        n: p.memory_analysis().temp_size_in_bytes for n, p in (("plain", plain), ("b", blocked))
+    }
+    assert temp["b"] <= temp["plain"] / 2, temp

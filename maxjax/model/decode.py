@@ -119,8 +119,7 @@ def forward_with_cache(
         x = h + moe_forward(cfg, layer, ops.rms_norm(h, layer["moe_norm"]["scale"]))
         new_caches.append(cache)
     x = ops.rms_norm(x, params["final_norm"]["scale"])
-    logits = jnp.einsum("bsm,mv->bsv", x.astype(dtype), params["lm_head"]["kernel"].astype(dtype))
-    return logits.astype(jnp.float32), new_caches
+    return ops.matmul("bsm,mv->bsv", x, params["lm_head"]["kernel"], dtype), new_caches
 
 
 def sample_token(logits: jax.Array, temperature: float, key: jax.Array) -> jax.Array:

@@ -9,6 +9,7 @@ k choices per token, V vocabulary.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -18,6 +19,108 @@ from maxjax import routing
 
 ROPE_BASE = 10_000.0
 NORM_EPS = 1e-6
+
+
+def round_to(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """x rounded to `dtype` (nothing happens if it is x's dtype).
+
+    A narrowing rounds explicitly (`reduce_precision`) before the cast: XLA may drop a
+    float32 -> bf16 -> float32 round trip (excess precision) in some programs and keep it in
+    others, and strategies that compute the same function would then round differently."""
+    dtype = jnp.dtype(dtype)
+    if x.dtype == dtype:
+        return x
+    info = jnp.finfo(dtype)
+    if info.bits < jnp.finfo(x.dtype).bits:
+        x = jax.lax.reduce_precision(x, info.nexp, info.nmant)
+    return x.astype(dtype)
+
+
+def matmul(spec: str, x: jax.Array, w: jax.Array, dtype: jnp.dtype = jnp.float32) -> jax.Array:
+    """einsum(spec, x, w) with both operands rounded to `dtype`, summed in float32; a float32
+    result.
+
+    In float32 this is the plain einsum. In a narrower dtype the backward pass rounds the
+    cotangent to `dtype` as well (x keeps its own dtype, usually float32, so cotangents add up
+    in float32 outside the products), so the forward product and both backward products are `dtype`
+    matmuls with float32 accumulation, and w (a float32 parameter) gets a float32 gradient
+    that was never rounded to `dtype`. Saved for the backward pass: x in `dtype` and w as given
+    (inside one program a parameter is not copied). Every index of one operand must appear in
+    the other operand or in the result (true of every product of this model).
+    """
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.float32:
+        return jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=dtype)
+    x, w = _same_variance(x, w)
+    return _narrow_matmul(spec, dtype, x.dtype, x, w)
+
+
+def _varying_axes(a: jax.Array) -> frozenset:
+    """The manual mesh axes over which `a` varies (empty outside `jax.shard_map`)."""
+    return jax.typeof(a).manual_axis_type.varying
+
+
+def _same_variance(x: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x and w marked as varying over the same manual mesh axes (inside `jax.shard_map`).
+
+    Done outside the custom VJP, so autodiff transposes the marking (a psum over the axes the
+    operand did not vary over) and the custom backward rule sees operands of one type."""
+    axes = _varying_axes(x) | _varying_axes(w)
+
+    def widen(a: jax.Array) -> jax.Array:
+        missing = tuple(sorted(axes - _varying_axes(a)))
+        return jax.lax.pcast(a, missing, to="varying") if missing else a
+
+    return widen(x), widen(w)
+
+
+def _transposed_specs(spec: str) -> tuple[str, str]:
+    """The einsum specs of the two backward products of `spec` = 'x,w->out'."""
+    operands, out = spec.replace(" ", "").split("->")
+    x, w = operands.split(",")
+    for name, own, others in (("x", x, w + out), ("w", w, x + out)):
+        if not set(own) <= set(others):
+            raise ValueError(f"matmul {spec!r}: every index of {name} must appear elsewhere")
+    return f"{out},{w}->{x}", f"{x},{out}->{w}"
+
+
+def _product_f32(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """einsum of two operands already rounded to a narrow dtype, accumulated in float32.
+
+    XLA's CPU backend lacks a bf16 x bf16 -> f32 dot for some layouts (UNIMPLEMENTED at run
+    time), so there the operands are widened to float32 first: the same arithmetic, as the
+    product of two bf16 values is exact in float32. Elsewhere the narrow product runs as such
+    (tensor cores)."""
+    return jax.lax.platform_dependent(
+        x,
+        w,
+        cpu=lambda x, w: jnp.einsum(spec, x.astype(jnp.float32), w.astype(jnp.float32)),
+        default=lambda x, w: jnp.einsum(spec, x, w, preferred_element_type=jnp.float32),
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _narrow_matmul(
+    spec: str, dtype: jnp.dtype, x_dtype: jnp.dtype, x: jax.Array, w: jax.Array
+) -> jax.Array:
+    return _product_f32(spec, round_to(x, dtype), round_to(w, dtype))
+
+
+def _narrow_matmul_fwd(spec, dtype, x_dtype, x, w):
+    x = round_to(x, dtype)
+    return _product_f32(spec, x, round_to(w, dtype)), (x, w)
+
+
+def _narrow_matmul_bwd(spec, dtype, x_dtype, saved, g):
+    x, w = saved
+    d_x_spec, d_w_spec = _transposed_specs(spec)
+    g = round_to(g, dtype)
+    d_x = _product_f32(d_x_spec, g, round_to(w, dtype))
+    d_w = _product_f32(d_w_spec, x, g)
+    return round_to(d_x, x_dtype), d_w.astype(w.dtype)
+
+
+_narrow_matmul.defvjp(_narrow_matmul_fwd, _narrow_matmul_bwd)
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float = NORM_EPS) -> jax.Array:
@@ -41,28 +144,53 @@ def rotary(x: jax.Array, positions: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
+ATTENTION_BLOCK = 256
+"""Query rows per block of `causal_attention` when the query is longer than this."""
+
+
 def causal_attention(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
     q_positions: jax.Array,
     kv_positions: jax.Array,
+    block: int = ATTENTION_BLOCK,
 ) -> jax.Array:
     """Softmax attention of q[B, S, N, D] over k, v[B, T, N, D], keys at or before the query.
 
     Positions are integers per batch row ([B, S] and [B, T]) or shared ([S] and [T]); a key whose
     position is later than the query's is masked, so a KV cache marks unfilled slots with a large
-    position.
+    position. A query longer than `block` rows (and a multiple of it) is taken `block` rows at a
+    time, each block a full softmax over all keys under `jax.checkpoint`: the float32 scores
+    exist for one block [B, N, block, T] at a time, forward and backward (where a block's scores
+    are computed again), instead of [B, N, S, T] at once.
     """
-    head_dim = q.shape[-1]
-    scores = jnp.einsum("bsnd,btnd->bnst", q, k, preferred_element_type=jnp.float32)
-    scores = scores / jnp.sqrt(jnp.float32(head_dim))
-    q_pos = jnp.broadcast_to(q_positions, (q.shape[0], q.shape[1]))
+    batch, seq = q.shape[:2]
+    q_pos = jnp.broadcast_to(q_positions, (batch, seq))
     kv_pos = jnp.broadcast_to(kv_positions, (k.shape[0], k.shape[1]))
+    if seq <= block or seq % block:
+        return _attention_rows(q, k, v, q_pos, kv_pos)
+    blocks = seq // block
+
+    def by_block(x: jax.Array) -> jax.Array:
+        return jnp.moveaxis(x.reshape(batch, blocks, block, *x.shape[2:]), 1, 0)
+
+    rows = jax.checkpoint(lambda qp: _attention_rows(qp[0], k, v, qp[1], kv_pos))
+    out = jax.lax.map(rows, (by_block(q), by_block(q_pos)))  # [blocks, B, block, N, D]
+    return jnp.moveaxis(out, 0, 1).reshape(q.shape)
+
+
+def _attention_rows(
+    q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, kv_pos: jax.Array
+) -> jax.Array:
+    """Causal softmax attention of q[B, S, N, D] at q_pos[B, S] over keys at kv_pos[B, T]."""
+    head_dim = q.shape[-1]
+    scores = matmul("bsnd,btnd->bnst", q, k, q.dtype)
+    scores = scores / jnp.sqrt(jnp.float32(head_dim))
     visible = kv_pos[:, None, None, :] <= q_pos[:, None, :, None]  # [B, 1, S, T]
     scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bnst,btnd->bsnd", weights, v)
+    weights = jax.nn.softmax(scores, axis=-1)
+    return round_to(matmul("bnst,btnd->bsnd", weights, v, v.dtype), v.dtype)
 
 
 class AttentionWeights(NamedTuple):
@@ -77,17 +205,15 @@ class AttentionWeights(NamedTuple):
 def project_qkv(
     x: jax.Array, w: AttentionWeights, head_dim: int, positions: jax.Array, dtype: jnp.dtype
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Rotary-embedded q, k and v [B, S, n, D] of x[B, S, M] for the heads in `w`."""
+    """Rotary-embedded q, k and v [B, S, n, D] (in `dtype`) of x[B, S, M] for the heads in `w`."""
     batch, seq, _ = x.shape
-    xc = x.astype(dtype)
 
     def proj(kernel: jax.Array) -> jax.Array:
-        y = jnp.einsum("bsm,mh->bsh", xc, kernel.astype(dtype))
-        return y.reshape(batch, seq, -1, head_dim)
+        return matmul("bsm,mh->bsh", x, kernel, dtype).reshape(batch, seq, -1, head_dim)
 
-    q = rotary(proj(w.query), positions)
-    k = rotary(proj(w.key), positions)
-    return q, k, proj(w.value)
+    q = round_to(rotary(proj(w.query), positions), dtype)
+    k = round_to(rotary(proj(w.key), positions), dtype)
+    return q, k, round_to(proj(w.value), dtype)
 
 
 def attention_output(
@@ -100,8 +226,7 @@ def attention_output(
     if head_mask is not None:
         context = context * head_mask.astype(context.dtype)[None, None, :, None]
     batch, seq = context.shape[:2]
-    flat = context.reshape(batch, seq, -1).astype(dtype)
-    return jnp.einsum("bsh,hm->bsm", flat, w.out.astype(dtype)).astype(jnp.float32)
+    return matmul("bsh,hm->bsm", context.reshape(batch, seq, -1), w.out, dtype)
 
 
 def self_attention(
@@ -188,11 +313,11 @@ def expert_ffn(
 ) -> jax.Array:
     """Each expert's FFN on its buffer: [E, B, C, M] -> [E, B, C, M] (float32).
 
-    wi[E, M, H], wo[E, H, M]; GELU; dropout on the hidden activation when a key is given.
+    wi[E, M, H], wo[E, H, M]; GELU, and dropout when a key is given, on the float32 hidden
+    activation, which the second product rounds to `dtype` once.
     """
     num_experts, batch, capacity, _ = buffer.shape
-    hidden = jnp.einsum("ebcm,emh->ebch", buffer.astype(dtype), wi.astype(dtype))
-    hidden = jax.nn.gelu(hidden)
+    hidden = jax.nn.gelu(matmul("ebcm,emh->ebch", buffer, wi, dtype))
     if dropout_key is not None and dropout_rate > 0.0:
         if expert_ids is None:
             expert_ids = jnp.arange(num_experts)
@@ -202,8 +327,7 @@ def expert_ffn(
             dropout_key, dropout_rate, expert_ids, sequence_ids, capacity, wi.shape[-1]
         )
         hidden = jnp.where(keep, hidden / (1.0 - dropout_rate), 0.0).astype(hidden.dtype)
-    out = jnp.einsum("ebch,ehm->ebcm", hidden, wo.astype(dtype))
-    return out.astype(jnp.float32)
+    return matmul("ebch,ehm->ebcm", hidden, wo, dtype)
 
 
 class RoutingAux(NamedTuple):

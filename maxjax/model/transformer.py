@@ -281,11 +281,7 @@ class MoETransformer(nnx.Module):
             x, aux = run_layer(layer, x, positions, key)
             per_layer.append(aux)
         x = self.final_norm(x)
-        logits = jnp.einsum(
-            "bsm,mv->bsv",
-            x.astype(compute_dtype(self.cfg)),
-            self.lm_head.kernel[...].astype(compute_dtype(self.cfg)),
-        ).astype(jnp.float32)
+        logits = ops.matmul("bsm,mv->bsv", x, self.lm_head.kernel[...], compute_dtype(self.cfg))
         return logits, ops.mean_over_layers(per_layer)
 
 

@@ -18,6 +18,8 @@ All three run one `jax.shard_map` program over the full mesh reshaped to (data, 
   move to the next stage with a ppermute over 'stage'. All forward micro-batches run first, then
   the backward pass (jax.grad through the unrolled schedule) runs them in reverse. Ticks where a
   stage has no micro-batch (the bubble) compute on zeros and are masked out.
+- With ``training.gradient_checkpointing`` every decoder layer is a `jax.checkpoint`: the
+  backward pass keeps only each layer's input and computes the layer again.
 - Embedding and lm_head are vocabulary-parallel over the stage x tensor devices of a data replica
   (rows / columns padded to a multiple of their count): lookups are psum'd, the cross-entropy
   uses a psum'd log-sum-exp. This keeps their memory divided like the layers' rather than holding
@@ -130,8 +132,7 @@ def lm_head_logits(plan: Plan, params: Params, x: jax.Array) -> jax.Array:
     """This device's vocabulary columns of the logits [B, S, V/shards] (float32)."""
     dtype = compute_dtype(plan.cfg)
     x = ops.rms_norm(x, params["final_norm"]["scale"])
-    kernel = params["lm_head"]["kernel"].astype(dtype)
-    return jnp.einsum("bsm,mv->bsv", x.astype(dtype), kernel).astype(jnp.float32)
+    return ops.matmul("bsm,mv->bsv", x, params["lm_head"]["kernel"], dtype)
 
 
 def expert_parallel_moe(
@@ -243,10 +244,17 @@ def hidden_states(
     layers = local_layers(plan, params)
     first_sequence = lax.axis_index(DATA) * batch
 
+    def run_layer(layer, x, key, sequence_ids):
+        x, r, _ = decoder_layer(plan, layer, x, 0, None, key, sequence_ids)
+        return x, r
+
+    if plan.cfg.training.gradient_checkpointing:
+        run_layer = jax.checkpoint(run_layer)
+
     def stage_fn(x, aux_sum, micro, valid):
         sequence_ids = first_sequence + micro * size + jnp.arange(size)
         for i, layer in enumerate(layers):
-            x, r, _ = decoder_layer(plan, layer, x, 0, None, layer_key(plan, rng, i), sequence_ids)
+            x, r = run_layer(layer, x, layer_key(plan, rng, i), sequence_ids)
             aux = jax.tree.map(lambda a: jnp.where(valid, a * size, 0.0), ops.routing_aux(r))
             aux_sum = jax.tree.map(jnp.add, aux_sum, aux)
         return x, aux_sum
@@ -346,6 +354,7 @@ class BaselineRunner(Runner):
         self._to_canonical_fn = jax.jit(self._to_canonical)
         self._forward = jax.jit(self._forward_fn)
         self._value_and_grad = jax.jit(jax.value_and_grad(self._loss_fn, has_aux=True))
+        self._lm_loss = jax.jit(lambda p, t: self._loss_fn(p, t, None)[1]["lm_loss"])
         self._decode_plan = dataclasses.replace(
             self.plan, cfg=decode.inference_config(cfg), microbatches=1
         )
@@ -496,6 +505,11 @@ class BaselineRunner(Runner):
     def forward(self, params: Params, tokens: jax.Array) -> jax.Array:
         self._check_batch(tokens.shape[0])
         return self._forward(params, tokens)
+
+    def loss(self, params: Params, tokens: jax.Array) -> jax.Array:
+        """The LM loss of `loss_body`: vocabulary-parallel cross-entropy, logits never whole."""
+        self._check_batch(tokens.shape[0])
+        return self._lm_loss(params, tokens)
 
     def value_and_grad(
         self, params: Params, tokens: jax.Array, rng: jax.Array | None = None

@@ -169,6 +169,12 @@ class Runner(abc.ABC):
     def from_canonical(self, tree: Tree) -> Tree:
         """A single-device-layout tree (host or device arrays) placed in this layout."""
 
+    def loss(self, params: Params, tokens: jax.Array) -> jax.Array:
+        """Mean next-token cross-entropy of tokens[B, S+1] (inputs tokens[:, :-1], targets
+        tokens[:, 1:]): no dropout, no auxiliary losses, no gradient. Validation's loss; each
+        strategy computes it without gathering the full logits [B, S, V] where it shards them."""
+        raise NotImplementedError(f"strategy {self.name!r} does not implement loss")
+
     def pool_of(self, path: Path) -> str:
         """Name of the device pool that holds the leaf at `path`."""
         return "all"

@@ -8,7 +8,7 @@ import jax
 
 from maxjax import model
 from maxjax.config import Config
-from maxjax.model import Params, decode
+from maxjax.model import Params, decode, ops
 from maxjax.parallel.runner import Runner, Tree
 
 
@@ -22,6 +22,9 @@ class SingleRunner(Runner):
         self.device = device or jax.devices()[0]
         self.sharding = jax.sharding.SingleDeviceSharding(self.device)
         self._forward = jax.jit(lambda p, t: model.apply(cfg, p, t)[0])
+        self._loss = jax.jit(
+            lambda p, t: ops.cross_entropy(model.apply(cfg, p, t[:, :-1])[0], t[:, 1:])
+        )
         self._value_and_grad = jax.jit(
             jax.value_and_grad(functools.partial(model.loss_fn, cfg), has_aux=True)
         )
@@ -41,6 +44,9 @@ class SingleRunner(Runner):
 
     def forward(self, params: Params, tokens: jax.Array) -> jax.Array:
         return self._forward(params, jax.device_put(tokens, self.sharding))
+
+    def loss(self, params: Params, tokens: jax.Array) -> jax.Array:
+        return self._loss(params, jax.device_put(tokens, self.sharding))
 
     def value_and_grad(
         self, params: Params, tokens: jax.Array, rng: jax.Array | None = None

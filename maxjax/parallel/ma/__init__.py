@@ -70,6 +70,10 @@ same shapes (the int8 quantisation is straight-through: it sits outside the diff
 function, and compressing gradients would change them). Parameter gradients are summed over
 micro-batches inside the backward programs (the accumulator is donated), so they stay on their
 pool; the base class clips by the global norm over both pools and runs AdamW per pool.
+With ``training.gradient_checkpointing`` the forward sweep runs the plain forward programs and
+keeps only each stage's inputs (the residual stream, routing and pieces, no residuals); each
+backward program takes those inputs, runs the stage's forward again and applies its VJP in one
+program (`MARunner.saved_bytes` counts what the forward sweep keeps).
 
 Decoding
 --------

@@ -6,7 +6,8 @@ stage of (l, i+1) is dispatched right after, so it runs while the experts work o
 host never waits inside a step: programs and copies are queued and run when their inputs are
 ready. Backward sweep: the head's forward and backward in one program per micro-batch, then the
 layers in reverse with each stage's VJP (its residuals stay on the stage's devices), the same
-order. The byte counters (`bytes_moved`) count what crosses the pool boundary and, separately,
+order; with `training.gradient_checkpointing` the forward sweep keeps only each stage's inputs
+and the backward program runs the stage's forward again before applying its VJP. The byte counters (`bytes_moved`) count what crosses the pool boundary and, separately,
 what the attention pool's collectives move inside it.
 """
 
@@ -221,8 +222,12 @@ class MARunner(Runner):
     # --- bytes -----------------------------------------------------------------------------------
 
     def _reset_counters(self) -> None:
-        """Start counting a new call: programs dispatched and bytes moved."""
+        """Start counting a new call: programs dispatched, bytes moved, and (`value_and_grad`)
+        `saved_bytes`, the bytes the forward sweep keeps for the backward sweep beyond the
+        parameters: every stage's VJP residuals, or with `training.gradient_checkpointing`
+        only the activations each stage takes as input (summed over the devices holding them)."""
         self.programs_dispatched = 0
+        self.saved_bytes = 0
         self.transport.copies_dispatched = 0
         self.bytes_moved = dict.fromkeys(COUNTERS, 0)
 
@@ -352,6 +357,20 @@ class MARunner(Runner):
         logits = [self._run(programs.logits, head, *state) for state in states]
         return logits[0] if len(logits) == 1 else jnp.concatenate(logits, axis=0)
 
+    def loss(self, params: Params, tokens: jax.Array) -> jax.Array:
+        """Mean next-token cross-entropy: the forward sweep, then per micro-batch the head's
+        vocabulary-split cross-entropy (`StagePrograms.lm_loss`); logits are never gathered."""
+        self._reset_counters()
+        micro = self._split_batch(tokens)
+        states, _ = self._forward_sweep(params, [toks[:, :-1] for toks in micro])
+        programs = self.programs(self.token_split(micro[0].shape[0]))
+        head = head_part(params)
+        losses = [
+            self._run(programs.lm_loss, head, *state, toks[:, 1:])
+            for state, toks in zip(states, micro, strict=True)
+        ]
+        return self._run(_mean, losses)
+
     # --- decoding --------------------------------------------------------------------------------
 
     def init_caches(self, batch: int, max_len: int) -> list[decode.KVCache]:
@@ -427,31 +446,47 @@ class MARunner(Runner):
         layers = params["layers"]
         keys = sorted(layers, key=int)
 
-        # Forward, layer by layer, micro-batches interleaved; keep every stage's VJP.
+        # Forward, layer by layer, micro-batches interleaved. Kept for the backward sweep: each
+        # stage's VJP (its residuals) or, with gradient checkpointing, only its inputs.
+        remat = self.cfg.training.gradient_checkpointing
         states: list[Any] = [None] * len(micro)
-        attention_vjps = [[None] * len(micro) for _ in keys]
-        expert_vjps = [[None] * len(micro) for _ in keys]
+        attention_kept = [[None] * len(micro) for _ in keys]
+        expert_kept = [[None] * len(micro) for _ in keys]
         aux_terms = []
         for depth, key in enumerate(keys):
             layer = layers[key]
             for i, toks in enumerate(micro):
                 if depth == 0:
                     args = (params["embed"], attention_part(layer), toks[:, :-1], head_mask)
-                    out, attention_vjps[depth][i] = self._run(programs.first_vjp, *args)
                 else:
                     args = (attention_part(layer), *states[i], head_mask)
-                    out, attention_vjps[depth][i] = self._run(programs.middle_vjp, *args)
-                state, pieces, aux = out
+                    if remat:
+                        self.saved_bytes += device_bytes(states[i])
+                if remat:
+                    program = programs.first if depth == 0 else programs.middle
+                    state, pieces, aux, _ = self._run(program, *args)
+                    attention_kept[depth][i] = args
+                else:
+                    program = programs.first_vjp if depth == 0 else programs.middle_vjp
+                    (state, pieces, aux), attention_kept[depth][i] = self._run(program, *args)
+                    self.saved_bytes += device_bytes(attention_kept[depth][i])
                 aux_terms.append(aux)
-                outputs, expert_vjps[depth][i] = self._run(
-                    programs.experts_vjp,
+                inputs = self._to_experts(pieces, split, "attention_to_experts")
+                args = (
                     layer["moe"]["experts"],
-                    self._to_experts(pieces, split, "attention_to_experts"),
+                    inputs,
                     self._expert_rows,
                     self._sequence_ids(i, size),
                     rng,
                     depth,
                 )
+                if remat:
+                    outputs = self._run(programs.experts, *args)
+                    expert_kept[depth][i] = args
+                    self.saved_bytes += device_bytes(inputs)
+                else:
+                    outputs, expert_kept[depth][i] = self._run(programs.experts_vjp, *args)
+                    self.saved_bytes += device_bytes(expert_kept[depth][i])
                 states[i] = (state, self._to_attention(outputs, split, "experts_to_attention"))
 
         # The head's forward and backward (one program per micro-batch), then the layers in
@@ -472,35 +507,23 @@ class MARunner(Runner):
             attention_acc, experts_acc = None, None
             for i in range(len(micro)):
                 d_h, d_gates, d_received = cotangents[i]
-                experts_acc, d_inputs = self._run(
-                    programs.experts_backward,
-                    expert_vjps[depth][i],
-                    self._to_experts(d_received, split, "backward_to_experts"),
-                    experts_acc,
-                )
+                d_out = self._to_experts(d_received, split, "backward_to_experts")
+                kept = expert_kept[depth][i] if remat else (expert_kept[depth][i],)
+                program = programs.experts_recompute if remat else programs.experts_backward
+                experts_acc, d_inputs = self._run(program, *kept, d_out, experts_acc)
                 d_pieces = self._to_attention(d_inputs, split, "backward_to_attention")
+                kept = attention_kept[depth][i] if remat else (attention_kept[depth][i],)
+                d_layer = (d_h, d_pieces, d_gates, aux_weight)
                 if depth > 0:
+                    program = programs.middle_recompute if remat else programs.layer_backward
                     attention_acc, cotangents[i] = self._run(
-                        programs.layer_backward,
-                        attention_vjps[depth][i],
-                        d_h,
-                        d_pieces,
-                        d_gates,
-                        aux_weight,
-                        attention_acc,
+                        program, *kept, *d_layer, attention_acc
                     )
                 else:
+                    program = programs.first_recompute if remat else programs.first_backward
                     acc = None if attention_acc is None else (embed_grads, attention_acc)
-                    embed_grads, attention_acc = self._run(
-                        programs.first_backward,
-                        attention_vjps[depth][i],
-                        d_h,
-                        d_pieces,
-                        d_gates,
-                        aux_weight,
-                        acc,
-                    )
-                attention_vjps[depth][i] = expert_vjps[depth][i] = None
+                    embed_grads, attention_acc = self._run(program, *kept, *d_layer, acc)
+                attention_kept[depth][i] = expert_kept[depth][i] = None
             attention_acc["moe"]["experts"] = experts_acc
             layer_grads[keys[depth]] = attention_acc
         # Forward: every layer's stages plus the head; backward: the transposed collectives.
@@ -516,9 +539,12 @@ class MARunner(Runner):
 
     # --- ahead-of-time compilation (paper-scale cost and memory without running) ---------------
 
-    def lower_stages(self, batch: int, seq_len: int) -> dict[str, jax.stages.Lowered]:
+    def lower_stages(
+        self, batch: int, seq_len: int, platforms: tuple[str, ...] | None = None
+    ) -> dict[str, jax.stages.Lowered]:
         """The training attention stage (layer > 0) and expert stage, lowered for abstract
-        inputs of one micro-batch of `batch` sequences of `seq_len` tokens."""
+        inputs of one micro-batch of `batch` sequences of `seq_len` tokens (for `platforms`,
+        e.g. ("cuda",), instead of this machine's backend if given)."""
         cfg = self.cfg
         split = self.token_split(batch)
         programs = self.programs(split)
@@ -550,13 +576,13 @@ class MARunner(Runner):
         outgoing = NamedSharding(mesh, OUTGOING)
         incoming_shape = (split.replicas, per_device, batch, capacity, width)
         received = tuple(wire(incoming_shape, outgoing) for _ in range(split.expert_devices))
-        attention = programs.middle_vjp.lower(
+        attention = programs.middle_vjp.trace(
             attention_part(layer), state, received, like(self._head_mask(split))
-        )
+        ).lower(lowering_platforms=platforms)
         piece = (split.expert_devices, per_device, batch // split.sequence_shards, capacity, width)
         on_experts = NamedSharding(self.expert_mesh, INCOMING)
         inputs = tuple(wire(piece, on_experts) for _ in range(split.sequence_shards))
-        expert = programs.experts_vjp.lower(
+        expert = programs.experts_vjp.trace(
             layer["moe"]["experts"],
             inputs,
             like(self._expert_rows),
@@ -565,8 +591,20 @@ class MARunner(Runner):
             ),
             None,
             0,
-        )
+        ).lower(lowering_platforms=platforms)
         return {"attention": attention, "experts": expert}
+
+
+@jax.jit
+def _mean(values: list[jax.Array]) -> jax.Array:
+    return jnp.mean(jnp.stack(values))
+
+
+def device_bytes(tree: Any) -> int:
+    """Bytes the device arrays of `tree` hold, summed over every device that holds a copy."""
+    return sum(
+        shard.data.nbytes for leaf in jax.tree.leaves(tree) for shard in leaf.addressable_shards
+    )
 
 
 def pool_bytes_per_stage(split: TokenSplit, batch: int, seq: int, width: int) -> int:

@@ -207,8 +207,7 @@ class StagePrograms:
     def _head_logits(self, head: Tree, x: jax.Array) -> jax.Array:
         """This device's vocabulary columns of the logits of the whole micro-batch."""
         z = lax.all_gather(ops.rms_norm(x, head["final_norm"]["scale"]), SEQ, axis=0, tiled=True)
-        kernel = head["lm_head"]["kernel"].astype(self.dtype)
-        return jnp.einsum("bsm,mv->bsv", z.astype(self.dtype), kernel).astype(jnp.float32)
+        return ops.matmul("bsm,mv->bsv", z, head["lm_head"]["kernel"], self.dtype)
 
     def _head_loss(self, head: Tree, x: jax.Array, targets: jax.Array) -> jax.Array:
         logits = self._head_logits(head, x)
@@ -368,6 +367,9 @@ class StagePrograms:
         def logits(head, state, wires):
             return self.head_logits(head, state, received_in(wires))
 
+        def lm_loss(head, state, wires, targets):
+            return self.head_loss(head, state, received_in(wires), targets)
+
         def last_logits(head, state, wires):
             """Logits [b, V] of the last position only (decoding)."""
             last = jax.tree.map(lambda x: x[:, -1:], state)
@@ -422,10 +424,25 @@ class StagePrograms:
             d_params, d_in = vjp(d_out)
             return _accumulate(acc, d_params), d_in
 
+        # With gradient checkpointing the forward sweep keeps only each stage's inputs; these
+        # programs run the stage's forward again (its VJP) and apply it, in one program.
+        def first_recompute(embed, layer, tokens, head_mask, d_h, d_pieces, d_gates, w, acc):
+            _, vjp = first_vjp(embed, layer, tokens, head_mask)
+            return first_backward(vjp, d_h, d_pieces, d_gates, w, acc)
+
+        def middle_recompute(layer, state, wires, head_mask, d_h, d_pieces, d_gates, w, acc):
+            _, vjp = middle_vjp(layer, state, wires, head_mask)
+            return layer_backward(vjp, d_h, d_pieces, d_gates, w, acc)
+
+        def experts_recompute(params, wires, expert_ids, sequence_ids, rng, depth, d_out, acc):
+            _, vjp = experts_vjp(params, wires, expert_ids, sequence_ids, rng, depth)
+            return experts_backward(vjp, d_out, acc)
+
         self.first = jax.jit(first)
         self.middle = jax.jit(middle)
         self.experts = jax.jit(experts)
         self.logits = jax.jit(logits)
+        self.lm_loss = jax.jit(lm_loss)
         self.last_logits = jax.jit(last_logits)
         self.first_vjp = jax.jit(first_vjp)
         self.middle_vjp = jax.jit(middle_vjp)
@@ -434,6 +451,9 @@ class StagePrograms:
         self.layer_backward = jax.jit(layer_backward, donate_argnums=(5,))
         self.first_backward = jax.jit(first_backward, donate_argnums=(5,))
         self.experts_backward = jax.jit(experts_backward, donate_argnums=(2,))
+        self.first_recompute = jax.jit(first_recompute, donate_argnums=(8,))
+        self.middle_recompute = jax.jit(middle_recompute, donate_argnums=(8,))
+        self.experts_recompute = jax.jit(experts_recompute, donate_argnums=(7,))
 
 
 def _accumulate(acc: Tree | None, grads: Tree) -> Tree:
