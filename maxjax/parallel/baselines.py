@@ -427,6 +427,16 @@ class BaselineRunner(Runner):
 
     # --- Runner interface ---
 
+    def abstract_params(self) -> Params:
+        """ShapeDtypeStructs (with shardings) of the parameters in this layout; allocates
+        nothing."""
+        shapes = jax.eval_shape(self._to_layout, model.abstract_params(self.cfg))
+        return jax.tree.map(
+            lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+            shapes,
+            self.shardings,
+        )
+
     def init(self, seed: int) -> Params:
         return jax.jit(
             lambda: self._to_layout(model.init_params(self.cfg, seed)),
@@ -452,11 +462,18 @@ class BaselineRunner(Runner):
 
     def init_caches(self, batch: int, max_len: int) -> list[decode.KVCache]:
         """Zero KV caches of this stage's layers, [stage, B, T, N, D] sharded like attention."""
+        abstract = self.abstract_caches(batch, max_len)[0].key
+        zeros = jax.jit(
+            lambda: jnp.zeros(abstract.shape, abstract.dtype), out_shardings=abstract.sharding
+        )
+        return [decode.KVCache(zeros(), zeros()) for _ in range(self.plan.layers_per_stage)]
+
+    def abstract_caches(self, batch: int, max_len: int) -> list[decode.KVCache]:
+        """ShapeDtypeStructs (with shardings) of `init_caches(batch, max_len)`."""
         m = self.cfg.model
         shape = (self.degrees.stage, batch, max_len, m.attention_heads, m.head_dim)
-        sharding = self._named(CACHE_SPEC)
-        zeros = jax.jit(lambda: jnp.zeros(shape, jnp.float32), out_shardings=sharding)
-        return [decode.KVCache(zeros(), zeros()) for _ in range(self.plan.layers_per_stage)]
+        zeros = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=self._named(CACHE_SPEC))
+        return [decode.KVCache(zeros, zeros) for _ in range(self.plan.layers_per_stage)]
 
     def generate(
         self,
