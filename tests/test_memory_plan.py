@@ -8,6 +8,8 @@ buffer once however many arrays share it), adds the temporaries of the programs 
 plan's phase, device by device. The backward phases are sums of the parts checked here.
 """
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from maxjax import optim
+from maxjax.bench import memory as bench_memory
 from maxjax.config import with_overrides
 from maxjax.parallel import make_runner
 from maxjax.perf import memory
@@ -101,10 +104,9 @@ def test_ma_plan_matches_a_training_step(tiny_two_layers):
     cfg = tiny_two_layers
     before = live_buffers()
     runner = make_runner(cfg, "ma")
-    plan = memory.plan(cfg, "ma", runner=runner)
     tx = optim.make_optimizer(cfg)
     state = runner.init_train_state(runner.init(0), tx)
-    assert_close(live_bytes(before), plan.phase("optimizer init").total, "optimizer init")
+    measured = {"optimizer init": live_bytes(before)}
 
     tokens = np.random.default_rng(0).integers(0, 50257, (cfg.sequence.batch_size, 33), np.int32)
     rng = jax.random.key(0)
@@ -114,24 +116,31 @@ def test_ma_plan_matches_a_training_step(tiny_two_layers):
     run = runner._run
 
     def recording_run(program, *args):
-        calls.setdefault(program, abstract(args))
+        # One entry per compiled variant (e.g. with and without a gradient sum to add to).
+        calls.setdefault((program, jax.tree.structure(args)), abstract(args))
         return run(program, *args)
 
-    measured = {}
     runner._run = recording_run
     runner.between_sweeps = lambda: measured.setdefault("forward end", live_bytes(before))
     metrics, grads = runner.value_and_grad(state.params, tokens, rng)
     measured["update"] = live_bytes(before)
     runner._run, runner.between_sweeps = run, None
 
-    stage_programs = [p.lower(*args).compile() for p, args in calls.items() if hasattr(p, "lower")]
+    stage_programs = [
+        program.lower(*args).compile()
+        for (program, _), args in calls.items()
+        if hasattr(program, "lower")
+    ]
     temps = {
+        "optimizer init": 0,
         "forward end": temp_per_device(stage_programs),
         "update": temp_per_device(update_programs(runner, state, grads, tx)),
     }
+    # Planned after the steps, so that its ahead-of-time compiles find the step's programs.
+    plan = memory.plan(cfg, "ma", runner=runner, tx=tx)
     for name, live in measured.items():
         assert_close(live + temps[name], plan.phase(name).total, name)
-    # The residuals dominate between the sweeps on the expert pool: the check has teeth there.
+    # The residuals weigh on the expert pool between the sweeps: the check has teeth there.
     experts = [i for i, pool in enumerate(plan.pools) if pool == "experts"]
     forward = plan.phase("forward end").parts
     assert (forward["residuals"][experts] > 0.2 * forward["parameters"][experts]).all()
@@ -142,7 +151,6 @@ def test_tp_pp_plan_matches_a_training_step(tiny_two_layers):
     before = live_buffers()
     runner = make_runner(cfg, "tp_pp")
     batch = 16
-    plan = memory.plan(cfg, "tp_pp", runner=runner, batch=batch)
     tx = optim.make_optimizer(cfg)
     state = runner.init_train_state(runner.init(0), tx)
     tokens = np.random.default_rng(0).integers(0, 50257, (batch, 33), np.int32)
@@ -152,14 +160,20 @@ def test_tp_pp_plan_matches_a_training_step(tiny_two_layers):
     metrics, grads = runner.value_and_grad(state.params, tokens, rng)
     live = live_bytes(before)
     step = runner._value_and_grad.lower(state.params, tokens, rng).compile()
+    update = temp_per_device(update_programs(runner, state, grads, tx))
+    plan = memory.plan(cfg, "tp_pp", runner=runner, batch=batch, tx=tx)
     assert_close(
         live + temp_per_device([step]), plan.phase("loss and gradients").total, "loss and grads"
     )
-    assert_close(
-        live + temp_per_device(update_programs(runner, state, grads, tx)),
-        plan.phase("update").total,
-        "update",
-    )
+    assert_close(live + update, plan.phase("update").total, "update")
+
+    # What `python -m maxjax.bench memory --json` writes and prints for this plan.
+    result = json.loads(json.dumps(plan.to_json()))
+    assert [row["device"] for row in result["per_device"]] == list(range(16))
+    for row in result["per_device"]:
+        assert row["total_bytes"] == pytest.approx(sum(row[p] for p in memory.PARTS))
+    table = bench_memory.format_table(result)
+    assert len(table.splitlines()) == 3 + 16 + 1 and "16 of 16 devices fit 80 GB" in table
 
 
 def test_device_bytes_counts_each_shard_where_it_lives():

@@ -134,6 +134,7 @@ class MemoryPlan:
     phases: list[Phase]
     programs: dict[str, ProgramMemory]
     settings: dict[str, Any]
+    residual_leaves: dict[str, list[dict[str, Any]]] = dataclasses.field(default_factory=dict)
 
     def phase(self, name: str) -> Phase:
         return next(p for p in self.phases if p.name == name)
@@ -178,6 +179,7 @@ class MemoryPlan:
                 }
                 for name, p in self.programs.items()
             },
+            "residual_leaves": self.residual_leaves,
         }
 
 
@@ -227,7 +229,10 @@ def update_programs(
         update = runner._update_fn(name, tx)
         at_init = _movable(init_state(tx, params_pools[name]), mesh)
         first = update.lower(params_pools[name], at_init, pool, norms).compile()
-        states[name] = first.out_info[1]
+        states[name] = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+            first.out_info[1],
+        )
         out[f"update[{name}]"] = update.lower(
             params_pools[name], states[name], pool, norms
         ).compile()
@@ -256,6 +261,20 @@ def _pools(runner: Any, params: Any, devices: int) -> list[str]:
 
 
 # --- MA separation -------------------------------------------------------------------------------
+
+
+def largest_leaves(tree: Any, count: int = 8) -> list[dict[str, Any]]:
+    """The `count` largest leaves of `tree` per device (shape, dtype, bytes on one device)."""
+    leaves = [
+        {
+            "shape": list(leaf.shape),
+            "dtype": str(leaf.dtype),
+            "bytes_per_device": math.prod(leaf.sharding.shard_shape(leaf.shape))
+            * itemsize(leaf.dtype),
+        }
+        for leaf in jax.tree.leaves(tree)
+    ]
+    return sorted(leaves, key=lambda x: -x["bytes_per_device"])[:count]
 
 
 def received_bytes(runner: Any, split: Any, received: tuple, devices: int, micro: int):
@@ -363,7 +382,17 @@ def plan_ma_training(
         )
     )
     phases.append(optimizer_at_init(runner, params, tx, n))
-    settings = {"batch": batch, "seq_len": seq_len, "microbatches": micro, "split": x.split}
+    settings = {
+        "batch": batch,
+        "seq_len": seq_len,
+        "microbatches": micro,
+        "split": x.split,
+        "residual_leaves": {
+            name: largest_leaves(compiled[name].out_info[1])
+            for name in ("first_vjp", "middle_vjp", "experts_vjp")
+            if name in compiled
+        },
+    }
     return phases, programs, settings
 
 
@@ -482,13 +511,15 @@ def plan(
     prompt_len: int | None = None,
     max_len: int | None = None,
     runner: Any = None,
+    tx: optax.GradientTransformation | None = None,
     config_name: str = "",
 ) -> MemoryPlan:
     """The memory plan of `strategy` for `cfg` on the devices JAX sees (16 emulated CPU devices
     stand in for the cluster: shapes and shardings are the cluster's). Training: one
     `train_step` on `batch` (default `sequence.batch_size`) sequences of `sequence.length`
     tokens. Decoding: `batch` prompts of `prompt_len` (default `sequence.length // 2`) tokens,
-    caches of `max_len` (default `sequence.length`) positions."""
+    caches of `max_len` (default `sequence.length`) positions. Pass the `runner` and `tx` a
+    run will use to share their compiled programs with it."""
     from maxjax import optim
     from maxjax.parallel import check_strategy, make_runner
 
@@ -509,9 +540,9 @@ def plan(
         phases, programs, settings = build(runner, batch, prompt_len, max_len)
     else:
         build = plan_ma_training if strategy == "ma" else plan_baseline_training
-        phases, programs, settings = build(
-            runner, batch, cfg.sequence.length, optim.make_optimizer(cfg)
-        )
+        tx = tx or optim.make_optimizer(cfg)
+        phases, programs, settings = build(runner, batch, cfg.sequence.length, tx)
+    residual_leaves = settings.pop("residual_leaves", {})
     return MemoryPlan(
         config=config_name,
         strategy=strategy,
@@ -521,4 +552,5 @@ def plan(
         phases=phases,
         programs=programs,
         settings={k: (v._asdict() if hasattr(v, "_asdict") else v) for k, v in settings.items()},
+        residual_leaves=residual_leaves,
     )
