@@ -46,9 +46,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """One row per device: GB per part at its peak phase, total, % of capacity, '!' over it."""
+    """One row per device: bytes per part at its peak phase, total, % of capacity, '!' where it
+    does not fit. In GB (1e9 bytes), or MB (1e6) when every device holds under a GB."""
     parts = result["parts"]
     capacity = result["capacity_bytes"]
+    rows = result["per_device"]
+    unit, scale = ("GB", 1e9) if max(r["total_bytes"] for r in rows) >= 1e9 else ("MB", 1e6)
     header = (
         f"{'dev':>3s} {'pool':10s} "
         + " ".join(f"{SHORT[p]:>10s}" for p in parts)
@@ -57,20 +60,20 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [
         f"memory plan: {result['strategy']} {result['mode']}, config {result['config']}, "
         f"{result['settings']}",
-        f"GB (1e9 bytes) per device at its peak phase; capacity {capacity / 1e9:g} GB; "
-        "'!' = does not fit",
+        f"{unit} ({scale:.0e} bytes) per device at its peak phase; capacity "
+        f"{capacity / 1e9:g} GB; '!' = does not fit",
         header,
     ]
-    for row in result["per_device"]:
+    for row in rows:
         mark = " " if row["fits"] else "!"
         lines.append(
             f"{row['device']:3d} {row['pool']:10s} "
-            + " ".join(f"{row[p] / 1e9:10.3f}" for p in parts)
-            + f" {row['total_bytes'] / 1e9:10.3f} {100 * row['fraction_of_capacity']:6.1f}%"
+            + " ".join(f"{row[p] / scale:10.3f}" for p in parts)
+            + f" {row['total_bytes'] / scale:10.3f} {100 * row['fraction_of_capacity']:6.1f}%"
             + f" {mark} {row['peak_phase']}"
         )
-    fits = sum(row["fits"] for row in result["per_device"])
-    lines.append(f"{fits} of {len(result['per_device'])} devices fit {capacity / 1e9:g} GB")
+    fits = sum(row["fits"] for row in rows)
+    lines.append(f"{fits} of {len(rows)} devices fit {capacity / 1e9:g} GB")
     return "\n".join(lines)
 
 
