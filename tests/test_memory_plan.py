@@ -88,6 +88,8 @@ def update_programs(runner, state, grads, tx):
 
 
 def assert_close(measured: np.ndarray, planned: np.ndarray, what: str) -> None:
+    worst = np.max(np.abs(measured / planned - 1))
+    print(f"{what}: measured vs planned, largest deviation over devices {100 * worst:.2f}%")
     for device, (m, p) in enumerate(zip(measured, planned, strict=True)):
         assert abs(m - p) <= TOLERANCE * p, (
             f"{what}, device {device}: measured {m:,.0f} bytes, planned {p:,.0f} "
