@@ -63,8 +63,9 @@ from maxjax.bench import table1  # noqa: E402
 # - initialises the tiny model in that strategy's layout,
 # - times KV-cache decoding of a batch of 16 prompts (TPOT: wall time of one decode step, in
 #   which every sequence gets one token),
-# - reads the bytes each device holds (parameters and AdamW moments from the arrays' shards, plus
-#   the training program's temporaries where the strategy runs one program),
+# - takes the bytes each device holds at the peak of a training step from the memory plan
+#   (`python -m maxjax.bench memory`: parameters, AdamW state, gradients, saved residuals,
+#   pieces and every program's temporaries, the same accounting for every strategy),
 # - times full training steps (loss, gradients, clipping, AdamW) on a batch of 16 sequences
 #   (throughput; TPS = throughput / 16 devices),
 # - divides the model's flops per step by (step time × this host's float32 matmul rate)
@@ -224,8 +225,9 @@ plt.show()
 # every replica of an MA sequence shard) is done as many times as it is replicated, and the host
 # dispatches every program (MA separation dispatches many small programs per step: two stages
 # per layer and micro-batch, forward and backward). So the ranking here says which strategy does
-# the least total work and overhead at the tiny config's sizes. The bytes per device are real:
-# they are read from the arrays' shards and from XLA's memory analysis of the compiled programs.
+# the least total work and overhead at the tiny config's sizes. The bytes per device are planned,
+# not estimated: shard sizes of every array a step holds and XLA's memory analysis of each
+# compiled program, checked against the live buffers of real steps in `tests/test_memory_plan.py`.
 #
 # **It cannot show parallel GPU speed.** On 16 GPUs the devices work at the same time, the two
 # pools of MA separation overlap their micro-batches (attention of micro-batch i+1 while the

@@ -9,6 +9,7 @@ BENCHMARKS = {
     "table1": ("maxjax.bench.table1", "Table 1: TPOT, TPS, throughput, utilisation, memory"),
     "seqlen": ("maxjax.bench.seqlen", "TPOT at four sequence lengths (seed section 5.7)"),
     "project": ("maxjax.bench.project", "Projected paper-scale tables, planner, CPU/GPU checks"),
+    "memory": ("maxjax.bench.memory", "Memory plan per device and part (no allocation)"),
     "ma-step": ("maxjax.bench.ma_step", "MA separation vs single: step time, bytes, programs"),
     "convergence": (
         "maxjax.bench.convergence",

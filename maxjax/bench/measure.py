@@ -17,7 +17,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 EMULATED_DEVICES = 16
 GB = 1e9
@@ -146,13 +145,3 @@ def cost_of(compiled: Any) -> dict[str, float]:
     if isinstance(cost, list):
         cost = cost[0] if cost else {}
     return dict(cost or {})
-
-
-def state_bytes_per_device(params: Any) -> np.ndarray:
-    """Bytes of parameters plus AdamW's two moments on each device, from the arrays' shards."""
-    index = {d: i for i, d in enumerate(jax.devices())}
-    total = np.zeros(len(index))
-    for leaf in jax.tree.leaves(params):
-        for shard in leaf.addressable_shards:
-            total[index[shard.device]] += 3 * shard.data.nbytes
-    return total

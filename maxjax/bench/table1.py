@@ -11,10 +11,11 @@ overhead at the tiny config's sizes; they are not comparable to the seed's milli
 A100s. Utilisation is model flops utilisation of the whole host: the flops of one training step
 of the model (the single-device program's `cost_analysis`, so no redundant or bubble work)
 divided by the step's wall time times the float32 matmul rate this host reaches. Memory
-efficiency is the bytes a device holds (parameters and AdamW moments from the arrays' shards,
-plus the training program's temporary buffers from `memory_analysis` where the strategy runs one
-program) over a stated capacity (the seed's 80 GB A100), so at tiny sizes it is a tiny fraction;
-the per-device bytes are reported beside it. The seed's values are printed next to ours for
+efficiency is the bytes a device holds at the peak of a training step, from the memory plan
+(`python -m maxjax.bench memory`; parameters, AdamW state, gradients, saved residuals, pieces and
+the temporaries of every program the device runs, the same accounting for every strategy), over a
+stated capacity (the seed's 80 GB A100), so at tiny sizes it is a tiny fraction; the per-device
+bytes are reported beside it. The seed's values are printed next to ours for
 reference only.
 """
 
@@ -147,22 +148,25 @@ def measure_training(
     }, state.params
 
 
-def measure_memory(
-    runner: Any, params: Any, cfg: Any, batch: int, capacity_gb: float
-) -> dict[str, Any]:
-    """Bytes per device (state from shards + program temporaries) over the stated capacity."""
-    state = measure.state_bytes_per_device(params)
-    temp = 0.0
-    program = getattr(runner, "train_program", None)
-    if program is not None:
-        tokens = random_tokens(batch, cfg.sequence.length + 1)
-        temp = float(program(params, tokens).memory_analysis().temp_size_in_bytes)
-    in_use = state + temp
+def measure_memory(runner: Any, cfg: Any, batch: int, capacity_gb: float) -> dict[str, Any]:
+    """Bytes per device at the peak of a training step on `batch` sequences, from the memory
+    plan (`maxjax.perf.memory`), the same accounting for every strategy: parameters, optimizer
+    state, gradients, saved residuals, pieces, token states and the temporaries of the programs
+    each device runs; over the stated capacity."""
+    from maxjax.perf import memory
+
+    plan = memory.plan(
+        cfg, runner.name, capacity_bytes=capacity_gb * measure.GB, batch=batch, runner=runner
+    )
+    rows = plan.per_device()
+    in_use = np.array([row["total_bytes"] for row in rows])
+    state = np.array([row["parameters"] + row["optimizer_state"] for row in rows])
     return {
         "bytes_per_device_mean": float(in_use.mean()),
         "bytes_per_device_max": float(in_use.max()),
         "state_bytes_per_device_max": float(state.max()),
-        "program_temp_bytes_per_device": temp if program is not None else None,
+        "program_temp_bytes_per_device": float(max(row["temporaries"] for row in rows)),
+        "memory_peak_phases": sorted({row["peak_phase"] for row in rows}),
         "capacity_gb": capacity_gb,
         "memory_efficiency": float(in_use.mean() / (capacity_gb * measure.GB)),
     }
@@ -180,7 +184,7 @@ def measure_strategy(
     row: dict[str, Any] = {"strategy": strategy}
     row.update(measure_decode(runner, params, args, args.prompt_len or cfg.sequence.length))
     measure.progress(f"{strategy}: memory")
-    row.update(measure_memory(runner, params, cfg, batch, args.capacity_gb))
+    row.update(measure_memory(runner, cfg, batch, args.capacity_gb))
     measure.progress(f"{strategy}: training steps")
     fields, _ = measure_training(runner, params, cfg, args, batch)
     row.update(fields)
@@ -228,8 +232,8 @@ def method_notes(args: argparse.Namespace, host_rate: float, batch: int, cfg: An
         "TPS = throughput / devices",
         "utilization": "model flops of a training step (single-device cost_analysis) / "
         f"(step time x host matmul rate {host_rate / 1e9:.1f} GFLOP/s)",
-        "memory efficiency": "mean over devices of (params + AdamW moments + program temporaries)"
-        f" / {args.capacity_gb:g} GB",
+        "memory efficiency": "mean over devices of the memory plan's peak of a training step "
+        f"(python -m maxjax.bench memory) / {args.capacity_gb:g} GB",
     }
 
 

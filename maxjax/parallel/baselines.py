@@ -526,11 +526,18 @@ class BaselineRunner(Runner):
 
     def init_caches(self, batch: int, max_len: int) -> list[decode.KVCache]:
         """Zero KV caches of this stage's layers, [stage, B, T, N, D] sharded like attention."""
+        abstract = self.abstract_caches(batch, max_len)[0].key
+        zeros = jax.jit(
+            lambda: jnp.zeros(abstract.shape, abstract.dtype), out_shardings=abstract.sharding
+        )
+        return [decode.KVCache(zeros(), zeros()) for _ in range(self.plan.layers_per_stage)]
+
+    def abstract_caches(self, batch: int, max_len: int) -> list[decode.KVCache]:
+        """ShapeDtypeStructs (with shardings) of `init_caches(batch, max_len)`."""
         m = self.cfg.model
         shape = (self.degrees.stage, batch, max_len, m.attention_heads, m.head_dim)
-        sharding = self._named(CACHE_SPEC)
-        zeros = jax.jit(lambda: jnp.zeros(shape, jnp.float32), out_shardings=sharding)
-        return [decode.KVCache(zeros(), zeros()) for _ in range(self.plan.layers_per_stage)]
+        zeros = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=self._named(CACHE_SPEC))
+        return [decode.KVCache(zeros, zeros) for _ in range(self.plan.layers_per_stage)]
 
     def generate(
         self,

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -95,6 +96,9 @@ class MARunner(Runner):
             self.experts.order, NamedSharding(self.expert_mesh, P(EXPERT_AXIS))
         )
         self._summarize = jax.jit(functools.partial(summarize, cfg))
+        # Called (no arguments) by `value_and_grad` between the forward and the backward sweep,
+        # when every stage's saved residuals are alive: a place to measure memory. None: nothing.
+        self.between_sweeps: Callable[[], None] | None = None
         self._reset_counters()
 
     # --- layout --------------------------------------------------------------------------------
@@ -376,10 +380,10 @@ class MARunner(Runner):
     def init_caches(self, batch: int, max_len: int) -> list[decode.KVCache]:
         """Zero KV caches of every layer, [batch, max_len, A*n_max, D] split by head slots over
         the attention pool like the q/k/v columns (padded slots stay zero: their kernels are)."""
-        shape = (batch, max_len, self.heads.num_devices * self.heads.slots_per_device)
-        shape = (*shape, self.heads.head_dim)
-        sharding = NamedSharding(self.programs(self.token_split(batch)).mesh, CACHE)
-        zeros = jax.jit(lambda: jnp.zeros(shape, jnp.float32), out_shardings=sharding)
+        abstract = self.abstract_caches(batch, max_len)[0].key
+        zeros = jax.jit(
+            lambda: jnp.zeros(abstract.shape, abstract.dtype), out_shardings=abstract.sharding
+        )
         return [decode.KVCache(zeros(), zeros()) for _ in range(self.num_layers)]
 
     def _decode_step(
@@ -488,6 +492,8 @@ class MARunner(Runner):
                     outputs, expert_kept[depth][i] = self._run(programs.experts_vjp, *args)
                     self.saved_bytes += device_bytes(expert_kept[depth][i])
                 states[i] = (state, self._to_attention(outputs, split, "experts_to_attention"))
+        if self.between_sweeps is not None:
+            self.between_sweeps()
 
         # The head's forward and backward (one program per micro-batch), then the layers in
         # reverse, the same ping-pong order; gradients summed per stage.
@@ -539,32 +545,19 @@ class MARunner(Runner):
 
     # --- ahead-of-time compilation (paper-scale cost and memory without running) ---------------
 
-    def lower_stages(
-        self, batch: int, seq_len: int, platforms: tuple[str, ...] | None = None
-    ) -> dict[str, jax.stages.Lowered]:
-        """The training attention stage (layer > 0) and expert stage, lowered for abstract
-        inputs of one micro-batch of `batch` sequences of `seq_len` tokens (for `platforms`,
-        e.g. ("cuda",), instead of this machine's backend if given)."""
+    def abstract_stage_inputs(
+        self, batch: int, seq_len: int, capacity: int | None = None
+    ) -> StageInputs:
+        """Abstract inputs (ShapeDtypeStructs with the shardings a step gives them) of the stage
+        programs for one micro-batch of `batch` sequences of `seq_len` tokens; `capacity`
+        defaults to the training capacity of a sequence."""
         cfg = self.cfg
         split = self.token_split(batch)
-        programs = self.programs(split)
-        mesh = programs.mesh
-        capacity = group_capacity(cfg, seq_len)
+        mesh = self.programs(split).mesh
+        capacity = capacity or group_capacity(cfg, seq_len)
         per_device = cfg.moe.experts_per_layer // split.expert_devices
         width, top_k = cfg.model.hidden_dim, cfg.moe.top_k
         tokens = NamedSharding(mesh, TOKENS)
-
-        def wire(shape: tuple, sharding: NamedSharding) -> Any:
-            if not self.compress:
-                return jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)
-            packed = (*shape[:-1], shape[-1] + compression.SCALE_BYTES)
-            return jax.ShapeDtypeStruct(packed, jnp.int8, sharding=sharding)
-
-        def like(x: Any) -> jax.ShapeDtypeStruct:
-            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-
-        params = self.abstract_params()
-        layer = params["layers"][sorted(params["layers"], key=int)[-1]]
         rows = (batch, seq_len, top_k)
         state = TokenState(
             jax.ShapeDtypeStruct((batch, seq_len, width), jnp.float32, sharding=tokens),
@@ -573,26 +566,201 @@ class MARunner(Runner):
             jax.ShapeDtypeStruct(rows, jnp.int32, sharding=tokens),
             jax.ShapeDtypeStruct(rows, jnp.bool_, sharding=tokens),
         )
-        outgoing = NamedSharding(mesh, OUTGOING)
-        incoming_shape = (split.replicas, per_device, batch, capacity, width)
-        received = tuple(wire(incoming_shape, outgoing) for _ in range(split.expert_devices))
-        attention = programs.middle_vjp.trace(
-            attention_part(layer), state, received, like(self._head_mask(split))
-        ).lower(lowering_platforms=platforms)
-        piece = (split.expert_devices, per_device, batch // split.sequence_shards, capacity, width)
+        outgoing = (split.replicas, per_device, batch, capacity, width)
+        incoming = (
+            split.expert_devices,
+            per_device,
+            batch // split.sequence_shards,
+            capacity,
+            width,
+        )
+        on_pool = NamedSharding(mesh, OUTGOING)
         on_experts = NamedSharding(self.expert_mesh, INCOMING)
-        inputs = tuple(wire(piece, on_experts) for _ in range(split.sequence_shards))
-        expert = programs.experts_vjp.trace(
-            layer["moe"]["experts"],
-            inputs,
-            like(self._expert_rows),
-            jax.ShapeDtypeStruct(
+        return StageInputs(
+            split=split,
+            params=self.abstract_params(),
+            tokens=jax.ShapeDtypeStruct(
+                (batch, seq_len), jnp.int32, sharding=NamedSharding(self.attention_mesh, P())
+            ),
+            state=state,
+            received=tuple(
+                _wire(outgoing, on_pool, self.compress) for _ in range(split.expert_devices)
+            ),
+            expert_inputs=tuple(
+                _wire(incoming, on_experts, self.compress) for _ in range(split.sequence_shards)
+            ),
+            received_cotangents=tuple(
+                _wire(outgoing, on_pool, False) for _ in range(split.expert_devices)
+            ),
+            expert_cotangents=tuple(
+                _wire(incoming, on_experts, False) for _ in range(split.sequence_shards)
+            ),
+            head_mask=_like(self._head_mask(split)),
+            expert_rows=_like(self._expert_rows),
+            sequence_ids=jax.ShapeDtypeStruct(
                 (batch,), jnp.int32, sharding=NamedSharding(self.expert_mesh, P())
             ),
-            None,
-            0,
+        )
+
+    def lower_stages(
+        self, batch: int, seq_len: int, platforms: tuple[str, ...] | None = None
+    ) -> dict[str, jax.stages.Lowered]:
+        """The training attention stage (layer > 0) and expert stage, lowered for abstract
+        inputs of one micro-batch of `batch` sequences of `seq_len` tokens (for `platforms`,
+        e.g. ("cuda",), instead of this machine's backend if given)."""
+        x = self.abstract_stage_inputs(batch, seq_len)
+        programs = self.programs(x.split)
+        layer = x.params["layers"][sorted(x.params["layers"], key=int)[-1]]
+        attention = programs.middle_vjp.trace(
+            attention_part(layer), x.state, x.received, x.head_mask
+        ).lower(lowering_platforms=platforms)
+        expert = programs.experts_vjp.trace(
+            layer["moe"]["experts"], x.expert_inputs, x.expert_rows, x.sequence_ids, None, 0
         ).lower(lowering_platforms=platforms)
         return {"attention": attention, "experts": expert}
+
+    def compile_training_programs(self, batch: int, seq_len: int) -> dict[str, jax.stages.Compiled]:
+        """Every stage program `value_and_grad` runs, compiled ahead of time for one micro-batch
+        of `batch` sequences of `seq_len` tokens (targets one more), nothing allocated.
+
+        Without gradient checkpointing the forward programs are the VJPs (`first_vjp`,
+        `middle_vjp`, `experts_vjp`) and the backward programs take their abstract outputs
+        (`out_info`: the VJPs with the saved residuals). With it the forward programs are the
+        plain stages (`first`, `middle`, `experts`) and the backward programs recompute from
+        the stage inputs (`..._recompute`). With several micro-batches the accumulating
+        variants (the gradient sums donated) are compiled too, named `..._acc`."""
+        x = self.abstract_stage_inputs(batch, seq_len)
+        programs = self.programs(x.split)
+        params = x.params
+        keys = sorted(params["layers"], key=int)
+        first_layer, layer = params["layers"][keys[0]], params["layers"][keys[-1]]
+        on_pool = NamedSharding(self.attention_mesh, P())
+        weight = jax.ShapeDtypeStruct((), jnp.float32, sharding=on_pool)
+        key = jax.eval_shape(lambda: jax.random.key(0))
+        key = jax.ShapeDtypeStruct(
+            key.shape, key.dtype, sharding=NamedSharding(self.expert_mesh, P())
+        )
+        stage_args = {
+            "first": (params["embed"], attention_part(first_layer), x.tokens, x.head_mask),
+            "experts": (
+                layer["moe"]["experts"],
+                x.expert_inputs,
+                x.expert_rows,
+                x.sequence_ids,
+                key,
+                0,
+            ),
+        }
+        if len(keys) > 1:
+            stage_args["middle"] = (attention_part(layer), x.state, x.received, x.head_mask)
+        d_state = (x.state.h, x.received_cotangents, x.state.gates, weight)
+        cotangents = {"first": d_state, "middle": d_state, "experts": (x.expert_cotangents,)}
+        out = {
+            "head_step": programs.head_step.lower(
+                head_part(params), x.state, x.received, x.tokens, weight, None
+            ).compile()
+        }
+        if self.microbatches > 1:
+            # Micro-batches after the first add into the donated sums of the first.
+            out["head_step_acc"] = programs.head_step.lower(
+                head_part(params),
+                x.state,
+                x.received,
+                x.tokens,
+                weight,
+                out["head_step"].out_info[1],
+            ).compile()
+        remat = self.cfg.training.gradient_checkpointing
+        backward_of = {"first": "first_backward", "middle": "layer_backward"}
+        backward_of["experts"] = "experts_backward"
+        for stage, args in stage_args.items():
+            if remat:
+                out[stage] = getattr(programs, stage).lower(*args).compile()
+                name, kept = f"{stage}_recompute", args
+            else:
+                out[f"{stage}_vjp"] = getattr(programs, f"{stage}_vjp").lower(*args).compile()
+                name, kept = backward_of[stage], (out[f"{stage}_vjp"].out_info[1],)
+            backward = getattr(programs, name)
+            out[name] = backward.lower(*kept, *cotangents[stage], None).compile()
+            if self.microbatches > 1:
+                # The sums: the whole output of `first`'s backward (embedding and layer
+                # gradients), the parameter gradients of the others.
+                sums = out[name].out_info if stage == "first" else out[name].out_info[0]
+                out[f"{name}_acc"] = backward.lower(*kept, *cotangents[stage], sums).compile()
+        return out
+
+    def compile_decode_programs(
+        self, batch: int, seq_len: int, max_len: int
+    ) -> dict[str, jax.stages.Compiled]:
+        """The programs of one decoding call (`_decode_step`) on a micro-batch of `batch`
+        sequences: `seq_len` new tokens (the prompt, or 1) against KV caches of `max_len`
+        positions, dropless routing; compiled ahead of time, nothing allocated."""
+        split = self.token_split(batch)
+        programs = self.programs(split)
+        capacity = group_capacity(programs.inference_cfg, seq_len)
+        x = self.abstract_stage_inputs(batch, seq_len, capacity)
+        cache = self.abstract_caches(batch, max_len)[0]
+        start = jax.ShapeDtypeStruct(
+            (), jnp.int32, sharding=NamedSharding(self.attention_mesh, P())
+        )
+        params = x.params
+        keys = sorted(params["layers"], key=int)
+        first_layer, layer = params["layers"][keys[0]], params["layers"][keys[-1]]
+        out = {
+            "first": programs.first.lower(
+                params["embed"], attention_part(first_layer), x.tokens, x.head_mask, cache, start
+            ).compile(),
+            "experts": programs.experts.lower(
+                layer["moe"]["experts"], x.expert_inputs, x.expert_rows, x.sequence_ids, None, 0
+            ).compile(),
+            "last_logits": programs.last_logits.lower(
+                head_part(params), x.state, x.received
+            ).compile(),
+        }
+        if len(keys) > 1:
+            out["middle"] = programs.middle.lower(
+                attention_part(layer), x.state, x.received, x.head_mask, cache, start
+            ).compile()
+        return out
+
+    def abstract_caches(self, batch: int, max_len: int) -> list[decode.KVCache]:
+        """ShapeDtypeStructs of `init_caches(batch, max_len)` (with shardings)."""
+        shape = (batch, max_len, self.heads.num_devices * self.heads.slots_per_device)
+        shape = (*shape, self.heads.head_dim)
+        sharding = NamedSharding(self.programs(self.token_split(batch)).mesh, CACHE)
+        zeros = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)
+        return [decode.KVCache(zeros, zeros) for _ in range(self.num_layers)]
+
+
+class StageInputs(NamedTuple):
+    """Abstract inputs of one micro-batch's stage programs (`MARunner.abstract_stage_inputs`):
+    ShapeDtypeStructs with shardings. Pieces are wire trees (int8 + float32 scales when
+    compressing); their cotangents are float32."""
+
+    split: TokenSplit
+    params: Params
+    tokens: jax.ShapeDtypeStruct  # [b, S] int32, replicated on the attention pool
+    state: TokenState
+    received: tuple  # one wire tree [R, E/J, b, C, M] per expert device, on the attention pool
+    expert_inputs: tuple  # one wire tree [J, E/J, b/G, C, M] per sequence shard, on the experts
+    received_cotangents: tuple
+    expert_cotangents: tuple
+    head_mask: jax.ShapeDtypeStruct
+    expert_rows: jax.ShapeDtypeStruct
+    sequence_ids: jax.ShapeDtypeStruct
+
+
+def _wire(shape: tuple, sharding: NamedSharding, compressed: bool) -> Any:
+    """Abstract wire array of a piece: float32, or int8 with each row's float32 scale packed
+    on its end (`compression.pack_int8`)."""
+    if not compressed:
+        return jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)
+    packed = (*shape[:-1], shape[-1] + compression.SCALE_BYTES)
+    return jax.ShapeDtypeStruct(packed, jnp.int8, sharding=sharding)
+
+
+def _like(x: jax.Array) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
 
 
 @jax.jit
