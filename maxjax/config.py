@@ -185,6 +185,12 @@ class MASeparation:
         "(maxjax)",
         1,
     )
+    gradient_accumulation: int = _key(
+        "rounds per step: the batch is cut into gradient_accumulation x microbatches "
+        "micro-batches, and each round of `microbatches` runs forward and backward before the "
+        "next, gradients summed, so only one round's activations are alive (maxjax)",
+        1,
+    )
     transport: str = _key(
         "how buffer pieces move between the pools: 'device_put', device-to-device copies of the "
         "blocks that cross, within a process and across processes (maxjax)",
@@ -417,6 +423,7 @@ def validate(cfg: Config) -> None:
         ("training.vocab_size", cfg.training.vocab_size),
         ("schedule.total_steps", cfg.schedule.total_steps),
         ("ma_separation.microbatches", cfg.ma_separation.microbatches),
+        ("ma_separation.gradient_accumulation", cfg.ma_separation.gradient_accumulation),
         (
             "ma_separation.synchronization.sync_interval",
             cfg.ma_separation.synchronization.sync_interval,
@@ -579,6 +586,14 @@ def validate(cfg: Config) -> None:
         "ma_separation.microbatches",
         f"must divide sequence.batch_size = {seq.batch_size} (equal micro-batches), "
         f"got {cfg.ma_separation.microbatches}",
+    )
+    rounds = cfg.ma_separation.gradient_accumulation
+    _check(
+        seq.batch_size % (cfg.ma_separation.microbatches * rounds) == 0,
+        "ma_separation.gradient_accumulation",
+        f"times ma_separation.microbatches = "
+        f"{cfg.ma_separation.microbatches} divide sequence.batch_size = {seq.batch_size}, "
+        f"got {rounds}",
     )
     _check(
         total % (b.tensor_parallel) == 0,

@@ -86,3 +86,20 @@ def test_ma_decodes_in_its_own_layout(decoder, prompt, tiny_cfg):
         runner.heads.slots_per_device,
         tiny_cfg.model.head_dim,
     )
+
+
+def test_a_decoding_step_hands_its_caches_over(decoder, prompt):
+    """Every strategy donates the caches to the program that updates them: after a step the
+    caches it was given are gone, so a step holds one set of caches, not two."""
+    runner, params = decoder
+    if runner.name == "single":
+        pytest.skip("the single-device reference decodes through maxjax.model.decode")
+    if runner.name == "ma":
+        size = PROMPT_BATCH // runner.microbatches
+        caches = [runner.init_caches(size, 8) for _ in range(runner.microbatches)]
+    else:
+        caches = runner.init_caches(PROMPT_BATCH, 8)
+    _, updated = runner._decode_step(params, jax.numpy.asarray(prompt), caches, 0)
+    given = jax.tree.leaves(caches)
+    assert given and all(leaf.is_deleted() for leaf in given)
+    assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(updated))

@@ -430,3 +430,19 @@ def test_gradient_checkpointing_keeps_only_stage_inputs(ma_runners, tiny_cfg, re
     # Kept per stage: the residual stream, routing and pieces, against every activation the
     # stage's VJP needs (and the copies of the weights it multiplies by).
     assert 0 < remat.saved_bytes <= plain.saved_bytes / 4
+
+
+def test_gradient_accumulation_rounds_equal_single(tiny_cfg, canonical, reference, tokens):
+    """Two rounds of two micro-batches, recomputing (how the paper config trains): the loss and
+    gradients of the single-device model at the float32 bounds, dropout included (a
+    micro-batch's masks follow its global sequence ids, whatever round it runs in)."""
+    extra = ["ma_separation.gradient_accumulation=2", "training.gradient_checkpointing=true"]
+    runner = MARunner(ma_cfg(tiny_cfg, 2, extra=extra))
+    params = runner.from_canonical(canonical)
+    sweeps = []
+    runner.between_sweeps = lambda: sweeps.append(len(sweeps))
+    metrics, grads = runner.value_and_grad(params, tokens, jax.random.key(7))
+    assert_matches_reference(runner, metrics, grads, reference["dropout"])
+    assert sweeps == [0, 1]
+    with pytest.raises(ValueError, match="gradient_accumulation = 2 rounds"):
+        runner.value_and_grad(params, tokens[:2])

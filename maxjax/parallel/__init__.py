@@ -41,12 +41,14 @@ def check_strategy(cfg: Config, strategy: str, batch: int | None = None) -> None
             "--strategy", f"{strategy!r} is not available; choose one of {STRATEGIES}"
         )
     if strategy == "ma":
-        parts = cfg.ma_separation.microbatches
+        parts = cfg.ma_separation.microbatches * cfg.ma_separation.gradient_accumulation
         if batch is not None and batch % parts:
             raise ConfigError(
                 "sequence.batch_size",
-                f"{batch} does not split into ma_separation.microbatches = {parts} "
-                "equal micro-batches",
+                f"{batch} does not split into {parts} equal micro-batches "
+                f"(ma_separation.microbatches = {cfg.ma_separation.microbatches} times "
+                f"ma_separation.gradient_accumulation = "
+                f"{cfg.ma_separation.gradient_accumulation})",
             )
         return
     if strategy == "single":

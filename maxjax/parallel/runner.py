@@ -31,6 +31,25 @@ Path = tuple[str, ...]
 CANONICAL_LAYOUT = {"kind": "canonical"}  # the single-device model's tree, unpadded, in order
 
 
+def optimizer_init(tx: optax.GradientTransformation, pool: Tree) -> Callable:
+    """`tx.init` compiled for `pool` with its state placed where the updates keep it: each
+    moment sharded like the parameter it follows, the step counts replicated on the pool's
+    devices. (Left to itself, `jax.jit(tx.init)` puts every moment, whole, on one device.)"""
+    leaf = jax.tree.leaves(pool)[0].sharding
+    if isinstance(leaf, jax.sharding.NamedSharding):
+        elsewhere = jax.sharding.NamedSharding(leaf.mesh, jax.sharding.PartitionSpec())
+    else:
+        elsewhere = leaf
+    shardings = optax.tree_map_params(
+        tx,
+        lambda _, param: param.sharding,
+        jax.eval_shape(tx.init, pool),
+        pool,
+        transform_non_params=lambda _: elsewhere,
+    )
+    return jax.jit(tx.init, out_shardings=shardings)
+
+
 def tree_paths(tree: Tree) -> list[tuple[Path, Any]]:
     """(path, leaf) pairs of a nested dict, paths as tuples of strings."""
     out = []
@@ -212,7 +231,7 @@ class Runner(abc.ABC):
 
     def init_train_state(self, params: Params, tx: optax.GradientTransformation) -> TrainState:
         opt_state = {
-            name: jax.jit(tx.init)(pool) for name, pool in self.split_pools(params).items()
+            name: optimizer_init(tx, pool)(pool) for name, pool in self.split_pools(params).items()
         }
         return TrainState(params, opt_state, 0)
 

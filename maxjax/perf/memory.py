@@ -9,17 +9,19 @@ compiled ahead of time for abstract inputs:
   on. Its arguments and outputs are not added again: they are the arrays above.
 
 A step passes through *phases*, moments with different sets of arrays alive. For MA separation:
-the end of the forward sweep (every stage's VJP residuals alive, no gradients yet), the backward
-sweep at each layer (residuals of the layers not yet done, gradients of the layers done), and the
-optimizer update (all gradients). For the baselines: the loss-and-gradient program (one program:
-its outputs, the gradients, exist while it runs) and the update. A phase's temporaries are the
-largest of the programs that run in it. Each device's plan is its largest phase; its parts are
-the parts alive in that phase, so they add up to its total.
+the end of a round's forward sweep (what the sweep keeps for the backward sweep alive: every
+stage's VJP residuals, or with gradient checkpointing every stage's inputs), the backward sweep
+at each layer (what is kept for the layers not yet done, gradients of the layers done) and the
+optimizer update (all gradients). With several rounds of gradient accumulation, the sums of the
+earlier rounds' gradients are alive in every phase. For the baselines: the loss-and-gradient
+program (one program: its outputs, the gradients, exist while it runs) and the update. A phase's
+temporaries are the largest of the programs that run in it. Each device's plan is its largest
+phase; its parts are the parts alive in that phase, so they add up to its total.
 
 Decoding: parameters, the KV caches of the config's batch for `max_len` positions, the states and
 pieces of the prompt's forward pass (prefill) or of a one-token step, and the decode programs'
-temporaries. MA's forward programs return new caches without donating the old ones, which the
-caller holds until the step returns, so MA holds both.
+temporaries. Every strategy donates the caches to the program that returns their update, so
+they are held once.
 """
 
 from __future__ import annotations
@@ -195,19 +197,10 @@ def _compiled(programs: dict[str, jax.stages.Compiled], devices: int) -> dict:
 
 
 def init_state(tx: optax.GradientTransformation, pool: Any) -> Any:
-    """The optimizer state `Runner.init_train_state` makes with `jax.jit(tx.init)(pool)`,
-    abstract, placed as that program places it."""
-    return jax.jit(tx.init).lower(pool).compile().out_info
+    """The optimizer state `Runner.init_train_state` makes for `pool`, abstract, placed."""
+    from maxjax.parallel.runner import optimizer_init
 
-
-def _movable(tree: Any, mesh: Any) -> Any:
-    """Leaves placed off `mesh` made uncommitted (no sharding): `jax.jit(tx.init)` returns its
-    outputs uncommitted on one device, and the first update moves them onto the pool."""
-    devices = set(mesh.devices.flat)
-    return jax.tree.map(
-        lambda s: s if s.sharding.device_set == devices else jax.ShapeDtypeStruct(s.shape, s.dtype),
-        tree,
-    )
+    return optimizer_init(tx, pool).lower(pool).compile().out_info
 
 
 def update_programs(
@@ -215,7 +208,7 @@ def update_programs(
 ) -> tuple[dict[str, jax.stages.Compiled], dict[str, Any]]:
     """The programs of `Runner.apply_gradients` in a step after the first (squared norm and
     AdamW update per pool), and the optimizer state per pool as those steps hold it: the
-    update's outputs. (The first update takes the state as `tx.init` left it.)"""
+    update's outputs."""
     from maxjax import optim
 
     out, states = {}, {}
@@ -227,7 +220,7 @@ def update_programs(
         scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, P()))
         norms = [scalar] * len(grads_pools)
         update = runner._update_fn(name, tx)
-        at_init = _movable(init_state(tx, params_pools[name]), mesh)
+        at_init = init_state(tx, params_pools[name])
         first = update.lower(params_pools[name], at_init, pool, norms).compile()
         states[name] = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
@@ -242,8 +235,7 @@ def update_programs(
 def optimizer_at_init(
     runner: Any, params: Any, tx: optax.GradientTransformation, devices: int
 ) -> Phase:
-    """Right after `init_train_state`: the parameters, and the optimizer state where
-    `jax.jit(tx.init)` put it (until the first update moves it onto the pools)."""
+    """Right after `init_train_state`: the parameters and the optimizer state."""
     pools = runner.split_pools(params)
     state = sum(device_bytes(init_state(tx, p), devices) for p in pools.values())
     return _phase(
@@ -303,8 +295,8 @@ def plan_ma_training(
 ) -> tuple[list[Phase], dict[str, ProgramMemory], dict[str, Any]]:
     """Phases of `MARunner.train_step` on tokens [batch, seq_len + 1]."""
     n = len(jax.devices())
-    micro = runner.microbatches
-    size = batch // micro
+    micro, rounds = runner.microbatches, runner.accumulation
+    size = batch // (micro * rounds)
     x = runner.abstract_stage_inputs(size, seq_len)
     compiled = runner.compile_training_programs(size, seq_len)
     params = x.params
@@ -341,6 +333,8 @@ def plan_ma_training(
 
     param_bytes = device_bytes(params, n)
     grads = params  # `Runner.value_and_grad`: gradients have the placement of the parameters
+    # After the first round the sums of the earlier rounds' gradients are alive throughout.
+    summed = device_bytes(grads, n) if rounds > 1 else np.zeros(n)
     updates, opt_state = update_programs(runner, params, grads, tx)
     opt_bytes = device_bytes(opt_state, n)
     programs = _compiled({**compiled, **updates}, n)
@@ -351,6 +345,7 @@ def plan_ma_training(
             n,
             parameters=param_bytes,
             optimizer_state=opt_bytes,
+            gradients=summed,
             residuals=sum(residual_of_layer),
             token_states=step_tokens
             + micro * device_bytes(state, n)
@@ -374,7 +369,7 @@ def plan_ma_training(
                 n,
                 parameters=param_bytes,
                 optimizer_state=opt_bytes,
-                gradients=head_grads + device_bytes(done, n) + embed,
+                gradients=summed if rounds > 1 else head_grads + device_bytes(done, n) + embed,
                 residuals=sum(residual_of_layer[: depth + 1]),
                 token_states=step_tokens + cotangents + layers * micro * device_bytes(aux, n),
                 transfer_buffers=d_pieces + d_flight,
@@ -396,6 +391,7 @@ def plan_ma_training(
         "batch": batch,
         "seq_len": seq_len,
         "microbatches": micro,
+        "gradient_accumulation": rounds,
         "split": x.split,
         "residual_leaves": {
             name: largest_leaves(compiled[name].out_info[1])
@@ -429,7 +425,7 @@ def plan_ma_decoding(
                 name,
                 n,
                 parameters=device_bytes(params, n),
-                kv_cache=2 * caches,
+                kv_cache=caches,
                 token_states=parts * device_bytes((state, x.tokens), n),
                 transfer_buffers=received_bytes(runner, x.split, x.received, n, parts)
                 + device_bytes(pieces, n)

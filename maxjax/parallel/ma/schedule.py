@@ -87,6 +87,7 @@ class MARunner(Runner):
         self.padded_vocab = self.layout.padded_vocab
         self.num_layers = cfg.model.layers
         self.microbatches = cfg.ma_separation.microbatches
+        self.accumulation = cfg.ma_separation.gradient_accumulation
         self.compress = (
             cfg.ma_separation.synchronization.communication_compression == "8-bit quantization"
         )
@@ -267,7 +268,8 @@ class MARunner(Runner):
         shape = (self.cfg.moe.experts_per_layer, batch_size, capacity, self.cfg.model.hidden_dim)
         float_bytes = 4 * math.prod(shape)
         wire = compression.compressed_nbytes(shape) if self.compress else float_bytes
-        micro = batch_size // self.microbatches
+        parts = self.microbatches * self.accumulation
+        micro = batch_size // parts
         split = self.token_split(micro)
         pool = pool_bytes_per_stage(split, micro, seq_len, self.cfg.model.hidden_dim)
         return {
@@ -279,21 +281,23 @@ class MARunner(Runner):
             "uncompressed_each_way": float_bytes,
             "scale_bytes_each_way": 4 * math.prod(shape[:-1]) if self.compress else 0,
             "backward_each_way": float_bytes,
-            "within_attention_pool_forward": self.microbatches * pool,
+            "within_attention_pool_forward": parts * pool,
         }
 
     # --- driving a step --------------------------------------------------------------------------
 
     def _split_batch(self, tokens: Any, parts: int | None = None) -> list[jax.Array]:
-        """The `parts` (default: ma_separation.microbatches) micro-batches, replicated on the
+        """The `parts` (default: the step's, ma_separation.microbatches times
+        ma_separation.gradient_accumulation) micro-batches, replicated on the
         attention pool. Host tokens are placed there directly; device tokens are sliced where
         they are and copied device to device."""
-        parts = parts or self.microbatches
+        parts = parts or self.microbatches * self.accumulation
         batch = tokens.shape[0]
         if batch % parts:
             raise ValueError(
-                f"batch of {batch} sequences does not split into "
-                f"ma_separation.microbatches = {parts} equal micro-batches"
+                f"batch of {batch} sequences does not split into {parts} equal micro-batches "
+                f"(ma_separation.microbatches = {self.microbatches} per round times "
+                f"ma_separation.gradient_accumulation = {self.accumulation} rounds)"
             )
         size = batch // parts
         if isinstance(tokens, jax.Array):
@@ -432,31 +436,72 @@ class MARunner(Runner):
     def value_and_grad(
         self, params: Params, tokens: jax.Array, rng: jax.Array | None = None
     ) -> tuple[dict[str, jax.Array], Params]:
+        """The step's loss and gradients in `ma_separation.gradient_accumulation` rounds of
+        `ma_separation.microbatches` micro-batches each. A round runs its forward sweep and its
+        backward sweep before the next begins, so only one round's activations are ever alive;
+        its gradients add into the sums the previous rounds left (the same donated sums the
+        micro-batches of a round add into)."""
         self._reset_counters()
-        micro = self._split_batch(tokens)
+        rounds = self.accumulation
+        micro = self._split_batch(tokens, self.microbatches * rounds)
         size, seq = micro[0].shape
         split = self.token_split(size)
-        programs = self.programs(split)
-        head_mask = self._head_mask(split)
         rng = None if rng is None else replicate(rng, self.expert_mesh)
         on_pool = NamedSharding(self.attention_mesh, P())
         loss_weight = self._constant(
-            ("loss_weight",), lambda: jax.device_put(np.float32(1.0 / len(micro)), on_pool)
+            ("loss_weight", len(micro)),
+            lambda: jax.device_put(np.float32(1.0 / len(micro)), on_pool),
         )
         aux_weight = self._constant(
-            ("aux_weight",),
+            ("aux_weight", len(micro)),
             lambda: jax.device_put(np.float32(1.0 / (len(micro) * self.num_layers)), on_pool),
         )
+        grads, lm_losses, aux_terms = None, [], []
+        for first in range(0, len(micro), self.microbatches):
+            grads = self._round(
+                params,
+                micro[first : first + self.microbatches],
+                first,
+                split,
+                rng,
+                (loss_weight, aux_weight),
+                grads,
+                lm_losses,
+                aux_terms,
+            )
+        layers = len(params["layers"])
+        # Forward: every layer's stages plus the head; backward: the transposed collectives.
+        self._count_pool(split, size, seq - 1, 2 * len(micro) * (layers + 1))
+        metrics = self._run(self._summarize, lm_losses, aux_terms)
+        return metrics, grads
+
+    def _round(
+        self,
+        params: Params,
+        micro: list[jax.Array],
+        first: int,
+        split: TokenSplit,
+        rng: jax.Array | None,
+        weights: tuple[jax.Array, jax.Array],
+        grads: Params | None,
+        lm_losses: list,
+        aux_terms: list,
+    ) -> Params:
+        """One round of `value_and_grad`: micro-batches `first`, `first + 1`, ... (`micro`)
+        forward and backward, their gradients added into `grads` (None: the first round).
+        Appends the round's LM losses and auxiliary terms."""
+        size = micro[0].shape[0]
+        programs = self.programs(split)
+        head_mask = self._head_mask(split)
+        loss_weight, aux_weight = weights
         layers = params["layers"]
         keys = sorted(layers, key=int)
-
         # Forward, layer by layer, micro-batches interleaved. Kept for the backward sweep: each
         # stage's VJP (its residuals) or, with gradient checkpointing, only its inputs.
         remat = self.cfg.training.gradient_checkpointing
         states: list[Any] = [None] * len(micro)
         attention_kept = [[None] * len(micro) for _ in keys]
         expert_kept = [[None] * len(micro) for _ in keys]
-        aux_terms = []
         for depth, key in enumerate(keys):
             layer = layers[key]
             for i, toks in enumerate(micro):
@@ -480,7 +525,7 @@ class MARunner(Runner):
                     layer["moe"]["experts"],
                     inputs,
                     self._expert_rows,
-                    self._sequence_ids(i, size),
+                    self._sequence_ids(first + i, size),
                     rng,
                     depth,
                 )
@@ -498,7 +543,8 @@ class MARunner(Runner):
         # The head's forward and backward (one program per micro-batch), then the layers in
         # reverse, the same ping-pong order; gradients summed per stage.
         head = head_part(params)
-        lm_losses, cotangents, head_grads = [], [], None
+        cotangents = []
+        head_grads = None if grads is None else head_part(grads)
         for i, toks in enumerate(micro):
             state, received = states[i]
             loss, head_grads, (d_h, d_gates, d_received) = self._run(
@@ -508,9 +554,12 @@ class MARunner(Runner):
             cotangents.append((d_h, d_gates, d_received))
         states = None
         layer_grads: dict[Any, Any] = {}
-        embed_grads = None
+        embed_grads = None if grads is None else grads["embed"]
         for depth in reversed(range(len(keys))):
             attention_acc, experts_acc = None, None
+            if grads is not None:
+                summed = grads["layers"][keys[depth]]
+                attention_acc, experts_acc = attention_part(summed), summed["moe"]["experts"]
             for i in range(len(micro)):
                 d_h, d_gates, d_received = cotangents[i]
                 d_out = self._to_experts(d_received, split, "backward_to_experts")
@@ -532,16 +581,12 @@ class MARunner(Runner):
                 attention_kept[depth][i] = expert_kept[depth][i] = None
             attention_acc["moe"]["experts"] = experts_acc
             layer_grads[keys[depth]] = attention_acc
-        # Forward: every layer's stages plus the head; backward: the transposed collectives.
-        self._count_pool(split, size, seq - 1, 2 * len(micro) * (len(keys) + 1))
-        grads = {
+        return {
             "embed": embed_grads,
             "layers": layer_grads,
             "final_norm": head_grads["final_norm"],
             "lm_head": head_grads["lm_head"],
         }
-        metrics = self._run(self._summarize, lm_losses, aux_terms)
-        return metrics, grads
 
     # --- ahead-of-time compilation (paper-scale cost and memory without running) ---------------
 
@@ -660,7 +705,7 @@ class MARunner(Runner):
                 head_part(params), x.state, x.received, x.tokens, weight, None
             ).compile()
         }
-        if self.microbatches > 1:
+        if self.microbatches * self.accumulation > 1:
             # Micro-batches after the first add into the donated sums of the first.
             out["head_step_acc"] = programs.head_step.lower(
                 head_part(params),
@@ -682,7 +727,7 @@ class MARunner(Runner):
                 name, kept = backward_of[stage], (out[f"{stage}_vjp"].out_info[1],)
             backward = getattr(programs, name)
             out[name] = backward.lower(*kept, *cotangents[stage], None).compile()
-            if self.microbatches > 1:
+            if self.microbatches * self.accumulation > 1:
                 # The sums: the whole output of `first`'s backward (embedding and layer
                 # gradients), the parameter gradients of the others.
                 sums = out[name].out_info if stage == "first" else out[name].out_info[0]
