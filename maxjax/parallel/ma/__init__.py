@@ -74,12 +74,17 @@ With ``training.gradient_checkpointing`` the forward sweep runs the plain forwar
 keeps only each stage's inputs (the residual stream, routing and pieces, no residuals); each
 backward program takes those inputs, runs the stage's forward again and applies its VJP in one
 program (`MARunner.saved_bytes` counts what the forward sweep keeps).
+With ``ma_separation.gradient_accumulation`` = R > 1 the batch is cut into R x microbatches
+micro-batches and the step runs R rounds: each round's forward and backward sweeps over its
+micro-batches, its gradients added into the sums the earlier rounds left (the same donated
+accumulators), so one round's activations are alive at a time.
 
 Decoding
 --------
 `MARunner.generate` runs the same forward programs with a KV cache per layer and micro-batch,
 [b, T, A*n_max, D] split by head slots over the pool, and dropless routing
-(`decode.inference_config`); the head stage computes only the last position's logits.
+(`decode.inference_config`); the head stage computes only the last position's logits. Each
+forward program takes its layer's cache donated and returns the update, so a cache is held once.
 
 Losses are averaged as in the reference: each micro-batch's LM loss is its mean over positions,
 and the routing auxiliaries are per-sequence means, averaged over shards, micro-batches and layers.
