@@ -73,7 +73,7 @@ def test_ma_decodes_in_its_own_layout(decoder, prompt, tiny_cfg):
     from maxjax.parallel.ma.layout import CACHE as CACHE_SPEC
 
     runner.generate(params, prompt, NEW_TOKENS)
-    layers, parts = tiny_cfg.model.layers, runner.microbatches
+    layers, parts = tiny_cfg.model.layers, runner.decode_parts(PROMPT_BATCH)
     # Counted per call: the prefill and NEW_TOKENS - 1 one-token steps; per micro-batch and layer an attention and
     # an expert program, and one head program.
     assert runner.programs_dispatched == NEW_TOKENS * parts * (2 * layers + 1)
@@ -95,8 +95,8 @@ def test_a_decoding_step_hands_its_caches_over(decoder, prompt):
     if runner.name == "single":
         pytest.skip("the single-device reference decodes through maxjax.model.decode")
     if runner.name == "ma":
-        size = PROMPT_BATCH // runner.microbatches
-        caches = [runner.init_caches(size, 8) for _ in range(runner.microbatches)]
+        parts = runner.decode_parts(PROMPT_BATCH)
+        caches = [runner.init_caches(PROMPT_BATCH // parts, 8) for _ in range(parts)]
     else:
         caches = runner.init_caches(PROMPT_BATCH, 8)
     _, updated = runner._decode_step(params, jax.numpy.asarray(prompt), caches, 0)

@@ -408,7 +408,7 @@ def plan_ma_decoding(
     """Phases of `MARunner.generate` on `batch` prompts of `prompt_len` tokens, caches of
     `max_len` positions: the prefill and a one-token step."""
     n = len(jax.devices())
-    parts = runner.microbatches if batch % runner.microbatches == 0 else 1
+    parts = runner.decode_parts(batch)
     size = batch // parts
     params = runner.abstract_params()
     caches = parts * device_bytes(runner.abstract_caches(size, max_len), n)

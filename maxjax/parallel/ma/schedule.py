@@ -390,6 +390,15 @@ class MARunner(Runner):
         )
         return [decode.KVCache(zeros(), zeros()) for _ in range(self.num_layers)]
 
+    def decode_parts(self, batch: int) -> int:
+        """Micro-batches `generate` cuts `batch` prompts into: as many as a training step has
+        (microbatches x gradient_accumulation), else `ma_separation.microbatches`, when they
+        divide the batch; else one."""
+        for parts in (self.microbatches * self.accumulation, self.microbatches):
+            if batch % parts == 0:
+                return parts
+        return 1
+
     def _decode_step(
         self, params: Params, tokens: jax.Array, caches: list[list[decode.KVCache]], start: int
     ) -> tuple[jax.Array, list[list[decode.KVCache]]]:
@@ -414,11 +423,11 @@ class MARunner(Runner):
     ) -> jax.Array:
         """KV-cache decoding on the MA layout: the attention pool keeps each device's heads' keys
         and values, the experts stay on the expert pool, pieces cross as in training
-        (compressed when configured). Routing is dropless. The prompt is cut into
-        `ma_separation.microbatches` micro-batches (ping-pong) when they divide it."""
+        (compressed when configured). Routing is dropless. The prompts are cut into micro-batches
+        (ping-pong) of the training step's size where they can be (`decode_parts`)."""
         self._reset_counters()
         batch, prompt_len = prompt.shape
-        parts = self.microbatches if batch % self.microbatches == 0 else 1
+        parts = self.decode_parts(batch)
         caches = [
             self.init_caches(batch // parts, prompt_len + max_new_tokens) for _ in range(parts)
         ]
