@@ -40,8 +40,7 @@ devices:
    sum over all heads of its own tokens), add the residual; RMSNorm, router and capacity dispatch
    of the shard's sequences into its buffer ``[E, b/G, C, M]``, cut into one *piece* per expert
    device (int8 with one float32 scale per row, packed into one int8 buffer, when
-   ``communication_compression`` is
-   ``8-bit quantization``).
+   ``communication_compression`` is ``8-bit quantization``).
 2. *To the experts* (`transport.py`): piece (j, s) goes from one replica of shard s straight to
    expert device j, a device-to-device copy of an unchanged block.
 3. *Expert stage* (a jitted ``shard_map`` on the expert pool): each device joins the pieces of all

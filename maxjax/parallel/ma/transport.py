@@ -4,9 +4,9 @@
 have the same shard layout; between layouts that differ (say replicated on 12 devices -> split
 over 4) it goes through host memory. The stage programs (`maxjax.parallel.ma.stages`) therefore
 emit exactly the blocks that cross: a *piece* is one sequence shard's rows for one expert
-device's experts, a [1, E/J, b/G, C, M] block (int8 with its scales packed in when compressing) that sits on one attention
-device as a shard of the outgoing array and is wanted on one expert device as a shard of the
-expert program's input (and the same way back). `PieceTransport` takes each piece's single-device
+device's experts, a [1, E/J, b/G, C, M] block (int8 with its scales packed in when compressing)
+that sits on one attention device as a shard of the outgoing array and is wanted on one expert
+device as a shard of the expert program's input (and the same way back). `PieceTransport` takes each piece's single-device
 buffer, copies it with one batched `jax.device_put` to its destination device, and assembles the
 destination arrays from the copies with `jax.make_array_from_single_device_arrays` (no copy).
 
