@@ -205,13 +205,14 @@ def init_state(tx: optax.GradientTransformation, pool: Any) -> Any:
 
 def update_programs(
     runner: Any, params: Any, grads: Any, tx: optax.GradientTransformation
-) -> tuple[dict[str, jax.stages.Compiled], dict[str, Any]]:
-    """The programs of `Runner.apply_gradients` in a step after the first (squared norm and
-    AdamW update per pool), and the optimizer state per pool as those steps hold it: the
-    update's outputs."""
+) -> tuple[dict[str, jax.stages.Compiled], dict[str, Any], dict[str, Any]]:
+    """The programs of `Runner.apply_gradients` (squared norm and AdamW update per pool), and
+    the optimizer state per pool as `init_train_state` places it and as the updates hold it
+    (their outputs). The update is compiled again for the held state only if the first update
+    places it differently."""
     from maxjax import optim
 
-    out, states = {}, {}
+    out, at_init, states = {}, {}, {}
     params_pools, grads_pools = runner.split_pools(params), runner.split_pools(grads)
     for name, pool in grads_pools.items():
         out[f"squared_norm[{name}]"] = jax.jit(optim.squared_norm).lower(pool).compile()
@@ -220,24 +221,27 @@ def update_programs(
         scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, P()))
         norms = [scalar] * len(grads_pools)
         update = runner._update_fn(name, tx)
-        at_init = init_state(tx, params_pools[name])
-        first = update.lower(params_pools[name], at_init, pool, norms).compile()
+        at_init[name] = init_state(tx, params_pools[name])
+        first = update.lower(params_pools[name], at_init[name], pool, norms).compile()
         states[name] = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
             first.out_info[1],
         )
-        out[f"update[{name}]"] = update.lower(
-            params_pools[name], states[name], pool, norms
-        ).compile()
-    return out, states
+        moved = jax.tree.leaves(
+            jax.tree.map(lambda a, b: a.sharding != b.sharding, at_init[name], states[name])
+        )
+        out[f"update[{name}]"] = (
+            update.lower(params_pools[name], states[name], pool, norms).compile()
+            if any(moved)
+            else first
+        )
+    return out, at_init, states
 
 
-def optimizer_at_init(
-    runner: Any, params: Any, tx: optax.GradientTransformation, devices: int
-) -> Phase:
-    """Right after `init_train_state`: the parameters and the optimizer state."""
-    pools = runner.split_pools(params)
-    state = sum(device_bytes(init_state(tx, p), devices) for p in pools.values())
+def optimizer_at_init(params: Any, at_init: dict[str, Any], devices: int) -> Phase:
+    """Right after `init_train_state`: the parameters and the optimizer state (`at_init`, per
+    pool, from `update_programs`)."""
+    state = sum(device_bytes(pool_state, devices) for pool_state in at_init.values())
     return _phase(
         "optimizer init", devices, parameters=device_bytes(params, devices), optimizer_state=state
     )
@@ -335,7 +339,7 @@ def plan_ma_training(
     grads = params  # `Runner.value_and_grad`: gradients have the placement of the parameters
     # After the first round the sums of the earlier rounds' gradients are alive throughout.
     summed = device_bytes(grads, n) if rounds > 1 else np.zeros(n)
-    updates, opt_state = update_programs(runner, params, grads, tx)
+    updates, at_init, opt_state = update_programs(runner, params, grads, tx)
     opt_bytes = device_bytes(opt_state, n)
     programs = _compiled({**compiled, **updates}, n)
     backward_programs = [name for name in compiled if name not in forward]
@@ -386,7 +390,7 @@ def plan_ma_training(
             temporaries=largest_temp(programs, updates, n),
         )
     )
-    phases.append(optimizer_at_init(runner, params, tx, n))
+    phases.append(optimizer_at_init(params, at_init, n))
     settings = {
         "batch": batch,
         "seq_len": seq_len,
@@ -450,7 +454,7 @@ def plan_baseline_training(
     key = jax.eval_shape(lambda: jax.random.key(0))
     step = runner._value_and_grad.lower(params, tokens, key).compile()
     (_, metrics), grads = step.out_info
-    updates, opt_state = update_programs(runner, params, grads, tx)
+    updates, at_init, opt_state = update_programs(runner, params, grads, tx)
     programs = _compiled({"value_and_grad": step, **updates}, n)
     tokens_placed = step.input_shardings[0][1]
     token_bytes = device_bytes(
@@ -470,7 +474,7 @@ def plan_baseline_training(
             temporaries=largest_temp(programs, ["value_and_grad"], n),
         ),
         _phase("update", n, **common, temporaries=largest_temp(programs, updates, n)),
-        optimizer_at_init(runner, params, tx, n),
+        optimizer_at_init(params, at_init, n),
     ]
     return phases, programs, {"batch": batch, "seq_len": seq_len}
 

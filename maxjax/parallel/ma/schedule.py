@@ -788,15 +788,15 @@ class MARunner(Runner):
 
 class StageInputs(NamedTuple):
     """Abstract inputs of one micro-batch's stage programs (`MARunner.abstract_stage_inputs`):
-    ShapeDtypeStructs with shardings. Pieces are wire trees (int8 + float32 scales when
-    compressing); their cotangents are float32."""
+    ShapeDtypeStructs with shardings. Pieces are wire arrays (float32, or int8 with each row's
+    scale packed on its end when compressing); their cotangents are float32."""
 
     split: TokenSplit
     params: Params
     tokens: jax.ShapeDtypeStruct  # [b, S] int32, replicated on the attention pool
     state: TokenState
-    received: tuple  # one wire tree [R, E/J, b, C, M] per expert device, on the attention pool
-    expert_inputs: tuple  # one wire tree [J, E/J, b/G, C, M] per sequence shard, on the experts
+    received: tuple  # one wire array [R, E/J, b, C, M] per expert device, on the attention pool
+    expert_inputs: tuple  # one wire array [J, E/J, b/G, C, M] per sequence shard, on the experts
     received_cotangents: tuple
     expert_cotangents: tuple
     head_mask: jax.ShapeDtypeStruct
