@@ -2,7 +2,8 @@
 
 Inference routes without dropping: the capacity is raised to the group size
 (`inference_config`), so a token's expert output never depends on which other tokens share its
-group. Then a prefill plus one-token steps give exactly the logits of re-running the full forward
+group. Only one slot in E/k is then in use, and the experts compute only those
+(`ops.expert_ffn_filled_slots`), the work a server does for top-k routing. Then a prefill plus one-token steps give exactly the logits of re-running the full forward
 pass at every step, whatever the strategy.
 
 `attention_with_cache` works for any subset of heads (a strategy's shard of them); `generate_loop`
@@ -35,6 +36,11 @@ def inference_config(cfg: Config) -> Config:
     if cfg.moe.capacity_factor >= factor:
         return cfg
     return with_overrides(cfg, [f"moe.capacity_factor={factor}"])
+
+
+def decode_tile_rows(cfg: Config, tokens: int) -> int:
+    """Tile height of the filled-slot expert FFN when `tokens` tokens are routed at once."""
+    return ops.filled_tile_rows(tokens, cfg.moe.top_k, cfg.moe.experts_per_layer)
 
 
 def init_cache(
@@ -82,14 +88,16 @@ def attention_weights(layer: Params) -> ops.AttentionWeights:
 
 
 def moe_forward(cfg: Config, layer: Params, x: jax.Array) -> jax.Array:
-    """The MoE block of one layer on x[B, S, M] (no dropout), routed within these S tokens."""
+    """The MoE block of one layer on x[B, S, M] (no dropout), routed within these S tokens;
+    the experts compute only the slots in use (`ops.expert_ffn_filled_slots`)."""
     capacity = group_capacity(cfg, x.shape[1])
     moe = layer["moe"]
     r = ops.route(x, moe["router"]["kernel"], cfg.moe.top_k, capacity)
-    out = ops.expert_ffn(
+    out = ops.expert_ffn_filled_slots(
         ops.dispatch(x, r, capacity),
         moe["experts"]["wi"],
         moe["experts"]["wo"],
+        decode_tile_rows(cfg, x.shape[0] * x.shape[1]),
         compute_dtype(cfg),
     )
     return ops.combine(out, r)

@@ -330,6 +330,87 @@ def expert_ffn(
     return matmul("ebch,ehm->ebcm", hidden, wo, dtype)
 
 
+def filled_slot_counts(buffer: jax.Array) -> jax.Array:
+    """Slots in use per expert and group of buffer[E, B, C, M]: 1 + the last non-zero slot.
+
+    Slots are taken in order (`routing.assign_capacity`), so the slots in use are a prefix; an
+    expert FFN has no bias, so a zero row's output is zero and leaving it out changes nothing.
+    A zero row inside the prefix is counted (and computed) like any other."""
+    capacity = buffer.shape[2]
+    nonzero = jnp.any(buffer != 0, axis=-1)  # [E, B, C]
+    last = jnp.max(jnp.where(nonzero, jnp.arange(1, capacity + 1, dtype=jnp.int32), 0), axis=-1)
+    return last.astype(jnp.int32)
+
+
+def filled_tiles(counts: jax.Array, tile_rows: int) -> jax.Array:
+    """Tiles of `tile_rows` rows the filled slots of counts[E, B] take, one expert per tile."""
+    per_expert = jnp.sum(counts, axis=1)
+    return jnp.sum((per_expert + tile_rows - 1) // tile_rows)
+
+
+def filled_tile_rows(tokens: int, top_k: int, num_experts: int) -> int:
+    """Tile height for `expert_ffn_filled_slots`: an expert's rows at a balanced load
+    (tokens * k / E), rounded up to a power of two in [1, 128], so a balanced expert fills one
+    or two tiles and a cold one none."""
+    balanced = max(1, -(-tokens * top_k // num_experts))
+    return int(min(128, 1 << (balanced - 1).bit_length()))
+
+
+def expert_ffn_filled_slots(
+    buffer: jax.Array,
+    wi: jax.Array,
+    wo: jax.Array,
+    tile_rows: int,
+    dtype: jnp.dtype = jnp.float32,
+) -> jax.Array:
+    """`expert_ffn` (no dropout) computing only the slots in use: [E, B, C, M] -> [E, B, C, M].
+
+    The filled rows of each expert are packed into tiles of `tile_rows` rows (a tile holds one
+    expert's rows), and a loop over the tiles runs the FFN on those that hold rows and skips the
+    rest, so the work is that of the filled slots rounded up to whole tiles per expert, whatever
+    the capacity. Shapes are static (one program for every routing). Dropless routing fills one
+    slot in E/k; this is what decoding uses. Empty slots come back zero, as in `expert_ffn`.
+    """
+    num_experts, batch, capacity, model_dim = buffer.shape
+    rows = batch * capacity
+    tile = tile_rows
+    num_tiles = -(-num_experts * rows // tile) + num_experts
+    counts = filled_slot_counts(buffer)  # [E, B]
+    per_expert = jnp.sum(counts, axis=1)
+    padded = (per_expert + tile - 1) // tile * tile
+    expert_start = jnp.cumsum(padded) - padded
+    group_start = jnp.cumsum(counts, axis=1) - counts  # [E, B]
+    slot = jnp.arange(capacity, dtype=jnp.int32)
+    filled = slot[None, None, :] < counts[..., None]  # [E, B, C]
+    packed_row = expert_start[:, None, None] + group_start[..., None] + slot[None, None, :]
+    packed_row = jnp.where(filled, packed_row, num_tiles * tile).reshape(-1)
+    source = jnp.full((num_tiles * tile,), num_experts * rows, jnp.int32)
+    source = source.at[packed_row].set(jnp.arange(num_experts * rows, dtype=jnp.int32), mode="drop")
+    flat = buffer.reshape(num_experts * rows, model_dim)
+    flat = jnp.concatenate([flat, jnp.zeros((1, model_dim), flat.dtype)])
+    tiles = flat[source].reshape(num_tiles, tile, model_dim)
+    tile_start = jnp.arange(num_tiles, dtype=jnp.int32) * tile
+    expert_end = expert_start + padded
+    tile_expert = jnp.minimum(
+        jnp.sum(tile_start[:, None] >= expert_end[None, :], axis=1), num_experts - 1
+    )
+    active = tile_start < jnp.sum(padded)
+
+    def ffn(x: jax.Array, e: jax.Array) -> jax.Array:
+        w_in = jax.lax.dynamic_index_in_dim(wi, e, keepdims=False)
+        w_out = jax.lax.dynamic_index_in_dim(wo, e, keepdims=False)
+        return matmul("th,hm->tm", jax.nn.gelu(matmul("tm,mh->th", x, w_in, dtype)), w_out, dtype)
+
+    def one_tile(_: None, xs: tuple) -> tuple[None, jax.Array]:
+        x, e, on = xs
+        y = jax.lax.cond(on, ffn, lambda x, e: jnp.zeros_like(x, jnp.float32), x, e)
+        return None, y
+
+    _, out = jax.lax.scan(one_tile, None, (tiles, tile_expert, active))
+    out = jnp.concatenate([out.reshape(num_tiles * tile, model_dim), jnp.zeros((1, model_dim))])
+    return out[packed_row].reshape(buffer.shape)
+
+
 class RoutingAux(NamedTuple):
     """Auxiliary losses and load statistics of one MoE layer, averaged over sequences."""
 

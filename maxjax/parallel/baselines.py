@@ -114,6 +114,7 @@ class Plan:
     microbatches: int
     vocab: int
     padded_vocab: int
+    filled_slots_only: bool = False  # decoding: experts compute only the slots in use
 
     @property
     def layers_per_stage(self) -> int:
@@ -149,16 +150,22 @@ def expert_parallel_moe(
     buffers = ops.dispatch(x, r, capacity)  # [E, B, C, M]
     local_experts = moe["experts"]["wi"].shape[0]
     first = lax.axis_index(TENSOR) * local_experts
-    out = ops.expert_ffn(
-        lax.dynamic_slice_in_dim(buffers, first, local_experts, axis=0),
-        moe["experts"]["wi"],
-        moe["experts"]["wo"],
-        compute_dtype(cfg),
-        dropout_key,
-        cfg.moe.expert_dropout,
-        expert_ids=first + jnp.arange(local_experts),
-        sequence_ids=sequence_ids,
-    )
+    local = lax.dynamic_slice_in_dim(buffers, first, local_experts, axis=0)
+    wi, wo = moe["experts"]["wi"], moe["experts"]["wo"]
+    if plan.filled_slots_only:
+        tile = decode.decode_tile_rows(cfg, x.shape[0] * x.shape[1])
+        out = ops.expert_ffn_filled_slots(local, wi, wo, tile, compute_dtype(cfg))
+    else:
+        out = ops.expert_ffn(
+            local,
+            wi,
+            wo,
+            compute_dtype(cfg),
+            dropout_key,
+            cfg.moe.expert_dropout,
+            expert_ids=first + jnp.arange(local_experts),
+            sequence_ids=sequence_ids,
+        )
     placed = lax.dynamic_update_slice_in_dim(jnp.zeros_like(buffers), out, first, axis=0)
     return lax.psum(ops.combine(placed, r), TENSOR), r
 
@@ -356,7 +363,7 @@ class BaselineRunner(Runner):
         self._value_and_grad = jax.jit(jax.value_and_grad(self._loss_fn, has_aux=True))
         self._lm_loss = jax.jit(lambda p, t: self._loss_fn(p, t, None)[1]["lm_loss"])
         self._decode_plan = dataclasses.replace(
-            self.plan, cfg=decode.inference_config(cfg), microbatches=1
+            self.plan, cfg=decode.inference_config(cfg), microbatches=1, filled_slots_only=True
         )
         self._decode_step = jax.jit(self._decode_fn, donate_argnums=(2,))
 

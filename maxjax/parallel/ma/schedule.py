@@ -344,7 +344,7 @@ class MARunner(Runner):
                     new_caches[i].append(cache)
                 inputs = self._to_experts(pieces, split, "attention_to_experts")
                 outputs = self._run(
-                    programs.experts,
+                    programs.experts if caches is None else programs.decode_experts,
                     layer["moe"]["experts"],
                     inputs,
                     self._expert_rows,
@@ -764,7 +764,7 @@ class MARunner(Runner):
             "first": programs.first.lower(
                 params["embed"], attention_part(first_layer), x.tokens, x.head_mask, cache, start
             ).compile(),
-            "experts": programs.experts.lower(
+            "experts": programs.decode_experts.lower(
                 layer["moe"]["experts"], x.expert_inputs, x.expert_rows, x.sequence_ids, None, 0
             ).compile(),
             "last_logits": programs.last_logits.lower(

@@ -21,6 +21,7 @@ replica carries a piece.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -221,20 +222,29 @@ class StagePrograms:
         expert_ids: jax.Array,
         sequence_ids: jax.Array,
         key: jax.Array | None,
+        filled_only: bool = False,
     ) -> tuple[jax.Array, ...]:
         """This expert device's FFNs on the pieces of every sequence shard, [1, E/J, b/G, C, M]
-        each, returned as pieces of the same shapes."""
+        each, returned as pieces of the same shapes. `filled_only` (decoding, dropless routing:
+        capacity = sequence length): compute only the slots in use."""
         buffer = jnp.concatenate([x[0] for x in inputs], axis=1)
-        out = ops.expert_ffn(
-            buffer,
-            experts["wi"],
-            experts["wo"],
-            self.dtype,
-            key,
-            self.cfg.moe.expert_dropout,
-            expert_ids,
-            sequence_ids,
-        )
+        if filled_only:
+            _, seqs, capacity, _ = buffer.shape
+            tile = decode.decode_tile_rows(self.cfg, seqs * capacity)
+            out = ops.expert_ffn_filled_slots(
+                buffer, experts["wi"], experts["wo"], tile, self.dtype
+            )
+        else:
+            out = ops.expert_ffn(
+                buffer,
+                experts["wi"],
+                experts["wo"],
+                self.dtype,
+                key,
+                self.cfg.moe.expert_dropout,
+                expert_ids,
+                sequence_ids,
+            )
         return tuple(
             out[None, :, i * x.shape[2] : (i + 1) * x.shape[2]] for i, x in enumerate(inputs)
         )
@@ -318,10 +328,10 @@ class StagePrograms:
         logits = self._on_pool(body, specs, P(None, None, POOL))(head, state, received)
         return logits[..., : self.layout.vocab_size]
 
-    def expert_stage(self, experts, inputs, expert_ids, sequence_ids, key):
+    def expert_stage(self, experts, inputs, expert_ids, sequence_ids, key, filled_only=False):
         specs = (P(EXPERT_AXIS), (INCOMING,) * len(inputs), P(EXPERT_AXIS), P(), P())
         return jax.shard_map(
-            self._experts,
+            functools.partial(self._experts, filled_only=filled_only),
             mesh=self.expert_mesh,
             in_specs=specs,
             out_specs=(INCOMING,) * len(inputs),
@@ -362,6 +372,12 @@ class StagePrograms:
         def experts(params, wires, expert_ids, sequence_ids, rng, depth):
             key = None if rng is None else jax.random.fold_in(rng, depth)
             out = self.expert_stage(params, received_in(wires), expert_ids, sequence_ids, key)
+            return tuple(enc(x) for x in out)
+
+        def decode_experts(params, wires, expert_ids, sequence_ids, rng, depth):
+            del rng, depth
+            inputs = received_in(wires)
+            out = self.expert_stage(params, inputs, expert_ids, sequence_ids, None, True)
             return tuple(enc(x) for x in out)
 
         def logits(head, state, wires):
@@ -443,6 +459,7 @@ class StagePrograms:
         self.first = jax.jit(first, donate_argnums=(4,))
         self.middle = jax.jit(middle, donate_argnums=(4,))
         self.experts = jax.jit(experts)
+        self.decode_experts = jax.jit(decode_experts)
         self.logits = jax.jit(logits)
         self.lm_loss = jax.jit(lm_loss)
         self.last_logits = jax.jit(last_logits)
