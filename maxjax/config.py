@@ -192,8 +192,10 @@ class MASeparation:
         1,
     )
     transport: str = _key(
-        "how buffer pieces move between the pools: 'device_put', device-to-device copies of the "
-        "blocks that cross, within a process and across processes (maxjax)",
+        "how buffer pieces move between the pools within one process: 'device_put' "
+        "(device-to-device copies of the blocks that cross) or 'collective' (collective "
+        "permutes in exchange programs over both pools); across processes always 'collective' "
+        "(maxjax)",
         "device_put",
     )
 
@@ -314,7 +316,7 @@ class Config:
 
 
 COMPRESSION_CHOICES = ("8-bit quantization", "none")
-TRANSPORT_CHOICES = ("device_put",)
+TRANSPORT_CHOICES = ("device_put", "collective")
 SOURCE_CHOICES = ("embedded", "c4", "files")
 DTYPE_CHOICES = ("float32", "bfloat16")
 

@@ -446,3 +446,27 @@ def test_gradient_accumulation_rounds_equal_single(tiny_cfg, canonical, referenc
     assert sweeps == [0, 1]
     with pytest.raises(ValueError, match="gradient_accumulation = 2 rounds"):
         runner.value_and_grad(params, tokens[:2])
+
+
+def test_collective_transport_equals_single_and_stays_on_devices(
+    tiny_cfg, ma_runners, canonical, reference, tokens
+):
+    """The exchange programs that move pieces across processes (`CollectivePieceTransport`),
+    run in one process: the same logits, loss and gradients, nothing through the host, and the
+    same bytes crossing as `device_put`."""
+    cfg = with_overrides(ma_cfg(tiny_cfg, 2), ["ma_separation.transport=collective"])
+    runner = MARunner(cfg)
+    assert runner.transport.name == "collective"
+    params = runner.from_canonical(canonical)
+    jax.block_until_ready(runner.value_and_grad(params, tokens))
+    with device_only() as host_copies:
+        logits = runner.forward(params, tokens[:, :-1])
+        metrics, grads = runner.value_and_grad(params, tokens)
+    assert host_copies == []
+    scale = np.abs(reference["logits"]).max()
+    assert np.abs(np.asarray(logits) - reference["logits"]).max() / scale <= 1e-5
+    assert_matches_reference(runner, metrics, grads, reference["plain"])
+    plain, plain_params = ma_runners(2)
+    plain.value_and_grad(plain_params, tokens)
+    assert dict(runner.bytes_moved) == dict(plain.bytes_moved)
+    assert runner.transport.exchanges_dispatched > 0

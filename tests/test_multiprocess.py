@@ -26,10 +26,6 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.skip(
-    reason="the cross-process piece copies (jax.device_put between single-device shardings of "
-    "different processes, CPU/gloo) do not complete yet: the run hangs; see tutorials/cluster.md"
-)
 def test_ma_across_four_processes_matches_single(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"

@@ -45,7 +45,7 @@ from maxjax.parallel.ma.stages import (
     head_part,
     summarize,
 )
-from maxjax.parallel.ma.transport import PieceTransport
+from maxjax.parallel.ma.transport import CollectivePieceTransport, PieceTransport
 from maxjax.parallel.mesh import (
     ATTENTION_AXIS,
     EXPERT_AXIS,
@@ -64,6 +64,11 @@ COUNTERS = (
 )
 
 
+# Within one process pieces move by `jax.device_put`; across processes always by the exchange
+# programs (`CollectivePieceTransport`).
+TRANSPORTS = {"device_put": PieceTransport, "collective": CollectivePieceTransport}
+
+
 class MARunner(Runner):
     """MoE-Attention separation on two submeshes (see `maxjax.parallel.ma`)."""
 
@@ -72,17 +77,17 @@ class MARunner(Runner):
     def __init__(self, cfg: Config, transport: str | None = None):
         super().__init__(cfg)
         name = transport or cfg.ma_separation.transport
-        if name != "device_put":
-            raise ValueError(
-                f"unknown transport {name!r}; MA separation moves pieces by 'device_put'"
-            )
+        if name not in TRANSPORTS:
+            raise ValueError(f"unknown transport {name!r}; choose one of {sorted(TRANSPORTS)}")
         self.layout = ParamLayout(cfg)
         self.heads = self.layout.heads
         self.experts = self.layout.experts
         self.attention_mesh = attention_submesh(cfg)
         self.expert_mesh = expert_submesh(cfg)
         self.attention_devices = list(self.attention_mesh.devices.flat)
-        self.transport = PieceTransport(self.attention_devices, self.expert_mesh)
+        if jax.process_count() > 1:
+            name = "collective"
+        self.transport = TRANSPORTS[name](self.attention_devices, self.expert_mesh)
         self.vocab_size = self.layout.vocab_size
         self.padded_vocab = self.layout.padded_vocab
         self.num_layers = cfg.model.layers

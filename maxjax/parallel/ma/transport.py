@@ -11,18 +11,27 @@ buffer, copies it with one batched `jax.device_put` to its destination device, a
 destination arrays from the copies with `jax.make_array_from_single_device_arrays` (no copy).
 
 Nothing here waits for the data: the copies are queued behind the programs that produce them, so
-the host goes on dispatching (the ping-pong of `maxjax.parallel.ma.schedule`). Across processes
-each piece is copied by the two processes that hold its ends (JAX's cross-host transfers; see
-`jax_cross_host_transfer_socket_address`).
+the host goes on dispatching (the ping-pong of `maxjax.parallel.ma.schedule`).
+
+Across processes `CollectivePieceTransport` moves the same blocks by collective permutes instead:
+one small *exchange program* over a mesh of both pools' devices, in which every block goes
+from its source device to its destination device (`lax.ppermute`, NCCL on GPU, gloo on CPU).
+Every process issues the same exchange programs in the same order, each with its own blocks.
+The moves are split into rounds in which no device sends or receives twice, one `ppermute` per
+round. The price: an exchange program runs on both pools at once, so it waits for both to
+reach it. (`jax.device_put` between single-device shardings of different processes did not
+complete on CPU with gloo.)
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
@@ -191,3 +200,83 @@ class PieceTransport:
         return jax.make_array_from_single_device_arrays(
             shape, sharding, [b for b in blocks if b is not None], dtype=dtype
         )
+
+
+def permute_rounds(pairs: list[tuple[int, int]]) -> list[list[int]]:
+    """Indices of `pairs` (source, destination) grouped into rounds in which no source and no
+    destination appears twice (a greedy edge colouring: at most 2 x the busiest device's
+    degree rounds, as few as that degree when the moves are regular, as here)."""
+    rounds: list[list[int]] = []
+    busy: list[tuple[set, set]] = []
+    for i, (src, dst) in enumerate(pairs):
+        for r, (senders, receivers) in enumerate(busy):
+            if src not in senders and dst not in receivers:
+                rounds[r].append(i)
+                senders.add(src)
+                receivers.add(dst)
+                break
+        else:
+            rounds.append([i])
+            busy.append(({src}, {dst}))
+    return rounds
+
+
+class CollectivePieceTransport(PieceTransport):
+    """`PieceTransport` whose copies are collective permutes in exchange programs over both
+    pools (see the module docstring): what moves pieces between processes."""
+
+    name = "collective"
+
+    def __init__(self, attention_devices: list[jax.Device], expert_mesh: Mesh):
+        super().__init__(attention_devices, expert_mesh)
+        self.devices = self.attention_devices + self.expert_devices
+        self.exchange_mesh = Mesh(np.array(self.devices), ("exchange",))
+        self._slot = {d.id: i for i, d in enumerate(self.devices)}
+        self._exchanges: dict[tuple, Any] = {}
+        self.exchanges_dispatched = 0
+
+    def _exchange(self, perms: tuple[tuple[tuple[int, int], ...], ...]) -> Any:
+        """The program permuting one array per round: round r's blocks along `perms[r]`."""
+        if perms not in self._exchanges:
+
+            def body(*blocks: jax.Array) -> tuple[jax.Array, ...]:
+                return tuple(
+                    lax.ppermute(b, "exchange", list(p)) for b, p in zip(blocks, perms, strict=True)
+                )
+
+            spec = (P("exchange"),) * len(perms)
+            self._exchanges[perms] = jax.jit(
+                jax.shard_map(body, mesh=self.exchange_mesh, in_specs=spec, out_specs=spec)
+            )
+        return self._exchanges[perms]
+
+    def _copy(self, moves: list[tuple[jax.Array | None, jax.Device, jax.Device, tuple, Any]]):
+        self.copies_dispatched += len(moves)
+        me = jax.process_index()
+        out: list[jax.Array | None] = [None] * len(moves)
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, (_, _, _, shape, dtype) in enumerate(moves):
+            groups[(shape, np.dtype(dtype).str)].append(i)
+        sharding = NamedSharding(self.exchange_mesh, P("exchange"))
+        for (shape, dtype), members in groups.items():
+            ends = [(self._slot[moves[i][1].id], self._slot[moves[i][2].id]) for i in members]
+            rounds = permute_rounds(ends)
+            arrays = []
+            for rnd in rounds:
+                sent = {ends[k][0]: moves[members[k]][0] for k in rnd}
+                blocks = [
+                    sent[slot] if slot in sent else self._zeros(shape, dtype, device)
+                    for slot, device in enumerate(self.devices)
+                    if device.process_index == me
+                ]
+                global_shape = (len(self.devices) * shape[0], *shape[1:])
+                arrays.append(self._assemble(global_shape, sharding, blocks, dtype))
+            perms = tuple(tuple(ends[k] for k in rnd) for rnd in rounds)
+            received = self._exchange(perms)(*arrays)
+            self.exchanges_dispatched += 1
+            for rnd, array in zip(rounds, received, strict=True):
+                for k in rnd:
+                    dst = moves[members[k]][2]
+                    if dst.process_index == me:
+                        out[members[k]] = self._block(array, dst)
+        return out
