@@ -112,6 +112,26 @@ def read_config(directory: str | Path, step: int | None = None) -> tuple[int, di
     raise CheckpointError(f"no readable config in any checkpoint of {str(directory)!r}")
 
 
+def unwritable_across_processes(tree: Any) -> str | None:
+    """Why orbax cannot write `tree` (arrays or ShapeDtypeStructs with shardings) from this
+    cluster, or None if it can. With several processes orbax writes an array only if every
+    process holds a shard of it; a pool placed on some processes' devices only cannot be saved
+    that way."""
+    processes = jax.process_count()
+    if processes == 1:
+        return None
+    from maxjax.parallel.runner import tree_paths
+
+    for path, leaf in tree_paths(tree):
+        held = sorted({d.process_index for d in leaf.sharding.device_set})
+        if len(held) < processes:
+            return (
+                f"{'.'.join(path)} lives on the devices of process(es) {held} only, and orbax "
+                "writes an array only if every process holds a shard of it"
+            )
+    return None
+
+
 def all_finite(tree: Any) -> bool:
     """Whether every float array of `tree` is finite, checked where the arrays live.
 
@@ -129,7 +149,9 @@ def all_finite(tree: Any) -> bool:
         else:
             host_ok = host_ok and bool(np.isfinite(np.asarray(leaf)).all())
     flags = [_all_finite_on_device(leaves) for leaves in groups.values()]
-    return host_ok and all(bool(flag) for flag in jax.device_get(flags))
+    from maxjax.parallel.mesh import fetch
+
+    return host_ok and all(bool(flag) for flag in fetch(flags))
 
 
 def _device_order(sharding: jax.sharding.Sharding) -> tuple:

@@ -41,7 +41,7 @@ from maxjax.parallel import (
     check_strategy,
     make_runner,
 )
-from maxjax.parallel.mesh import enable_cross_process_transfers
+from maxjax.parallel.mesh import enable_cross_process_transfers, fetch
 
 # --- starting JAX ---------------------------------------------------------------------------
 
@@ -81,6 +81,11 @@ def setup_jax(cfg: Config) -> None:
             jax.config.update("jax_num_cpu_devices", max(1, cfg.hardware.total_gpus // processes))
         if processes > 1:
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
+            if os.environ.get("JAX_PLATFORMS", "cpu").startswith("cpu"):
+                # A process that loads a program from the persistent cache while another
+                # compiles it runs ahead, and gloo gives up on a collective whose peers are
+                # more than 30 s apart (seen with the cache on, never with it off).
+                jax.config.update("jax_enable_compilation_cache", False)
     except RuntimeError:
         return  # JAX is already running: keep its devices
     if processes > 1 and not jax.distributed.is_initialized():
@@ -119,7 +124,7 @@ def validation_loss(runner: Runner, params: model.Params, batches: list[np.ndarr
     next batch is dispatched: with many multi-device programs queued at once, XLA's CPU
     collectives can wait on each other past their rendezvous timeout (seen with MA
     separation's forward on 16 emulated devices)."""
-    return float(np.mean([float(runner.loss(params, global_batch(b))) for b in batches]))
+    return float(np.mean([float(fetch(runner.loss(params, global_batch(b)))) for b in batches]))
 
 
 def perplexity(loss: float) -> float:

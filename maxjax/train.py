@@ -2,6 +2,7 @@
 
     python -m maxjax.train [--config PATH] [--strategy ma|single|...] [--steps N]
                            [--checkpoint-dir DIR] [--set KEY=VALUE ...] [--allow-config-change]
+                           [--no-checkpoint]
 
 Defaults: configs/tiny.yaml, strategy "ma", steps = schedule.total_steps, DIR =
 checkpoint.directory. Without an accelerator JAX emulates `hardware.total_gpus` CPU devices.
@@ -39,7 +40,13 @@ import optax
 from tqdm import tqdm
 
 from maxjax import model
-from maxjax.checkpoint import CheckpointStore, all_finite, restore_target
+from maxjax.checkpoint import (
+    CheckpointError,
+    CheckpointStore,
+    all_finite,
+    restore_target,
+    unwritable_across_processes,
+)
 from maxjax.config import Config, load_config
 from maxjax.data import TokenBatches, validation_batches
 from maxjax.evaluate import (
@@ -55,6 +62,7 @@ from maxjax.evaluate import (
 )
 from maxjax.optim import learning_rate_schedule, make_optimizer
 from maxjax.parallel import Runner, TrainState, check_strategy, make_runner
+from maxjax.parallel.mesh import fetch
 
 DEFAULT_CONFIG = "configs/tiny.yaml"
 DEFAULT_STRATEGY = "ma"
@@ -193,7 +201,7 @@ _FIRST_KEYS = ("loss", "lm_loss", "load_balancing_loss", "z_loss", "grad_norm")
 
 def _host_metrics(metrics: dict[str, jax.Array]) -> dict[str, Any]:
     """Metrics as floats and lists, the main losses first (readable metrics.jsonl lines)."""
-    host = jax.device_get(metrics)
+    host = fetch(metrics)
     out = {}
     for key in [*[k for k in _FIRST_KEYS if k in host], *sorted(set(host) - set(_FIRST_KEYS))]:
         value = host[key]
@@ -245,8 +253,14 @@ def train(
     checkpoint_dir: str | Path | None = None,
     progress: bool = True,
     allow_config_change: bool = False,
+    checkpoints: bool = True,
 ) -> dict[str, Any]:
     """Train to step `steps` (default schedule.total_steps), resuming from `checkpoint_dir`.
+
+    With `checkpoints=False` nothing is read from or written to the checkpoint directory but
+    metrics.jsonl (a fresh run that cannot be resumed). Across processes this is required
+    where a strategy keeps a pool on some processes only (`unwritable_across_processes`):
+    such a run is refused with one line before it starts.
 
     Returns {step, first_loss, last_loss, val_loss, val_perplexity, history, checkpoint_dir,
     wall_seconds}; `history` holds the metrics.jsonl records of this call.
@@ -267,9 +281,17 @@ def train(
     runner = make_runner(cfg, strategy)
     tx = make_optimizer(cfg)
     lr_at = learning_rate_schedule(cfg)
+    if checkpoints:
+        blocker = unwritable_across_processes(runner.abstract_params())
+        if blocker:
+            raise CheckpointError(
+                f"checkpoints of strategy {strategy!r} cannot be written across "
+                f"{jax.process_count()} processes yet: {blocker}; run with --no-checkpoint to "
+                "train without them (the run cannot be resumed)"
+            )
     store = CheckpointStore(directory, cfg.checkpoint.max_to_keep)
 
-    if store.steps():
+    if checkpoints and store.steps():
         start, exported, meta, saved_cfg = store.restore(
             model.abstract_params(cfg), warn=_warn, target=restore_target(runner)
         )
@@ -289,6 +311,8 @@ def train(
     log = MetricsLog(directory / "metrics.jsonl", keep_through=state.step)
 
     def save() -> None:
+        if not checkpoints:
+            return
         if not all_finite((state.params, state.opt_state)):
             raise TrainingError(
                 _stop_line(
@@ -395,6 +419,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
+        "--no-checkpoint",
+        action="store_true",
+        help="neither resume from nor write checkpoints (only metrics.jsonl); such a run cannot "
+        "be resumed",
+    )
+    parser.add_argument(
         "--allow-config-change",
         action="store_true",
         help="resume even if batch size, sequence length, data or model differ from the checkpoint",
@@ -411,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
             args.checkpoint_dir,
             not args.no_progress,
             args.allow_config_change,
+            not args.no_checkpoint,
         )
     except (*USER_ERRORS, TrainingError, ResumeError) as e:
         if debugging():
@@ -425,7 +456,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(
             f"step {summary['step']}: {losses}validation loss {summary['val_loss']:.4f}, "
-            f"perplexity {summary['val_perplexity']:.2f}; checkpoints in {summary['checkpoint_dir']}"
+            f"perplexity {summary['val_perplexity']:.2f}; "
+            + (
+                f"checkpoints in {summary['checkpoint_dir']}"
+                if not args.no_checkpoint
+                else f"no checkpoints (metrics in {summary['checkpoint_dir']})"
+            )
         )
     return 0
 

@@ -23,7 +23,7 @@ import optax
 from maxjax import optim
 from maxjax.config import Config
 from maxjax.model import Params
-from maxjax.parallel.mesh import replicate
+from maxjax.parallel.mesh import everywhere_mesh, fetch, replicate, replicate_tree, restrict
 
 Tree = Any
 Path = tuple[str, ...]
@@ -241,17 +241,21 @@ class Runner(abc.ABC):
         """Clip by the global norm over all pools, then AdamW each pool. Returns (state, norm)."""
         pools = self.split_pools(grads)
         partial = [jax.jit(optim.squared_norm)(g) for g in pools.values()]
+        if jax.process_count() > 1:
+            partial = replicate_tree(partial, everywhere_mesh())
         params = self.split_pools(state.params)
         new_params, new_opt = {}, {}
         grad_norm = None
         for name, pool_grads in pools.items():
-            # Every pool sees every partial norm, copied device to device as scalars.
+            # Every pool sees every partial norm, copied device to device as scalars (across
+            # processes: summed onto every device first, then taken where the pool is).
             sharding = jax.tree.leaves(pool_grads)[0].sharding
-            norms = (
-                [replicate(s, sharding.mesh) for s in partial]
-                if isinstance(sharding, jax.sharding.NamedSharding)
-                else partial
-            )
+            if not isinstance(sharding, jax.sharding.NamedSharding):
+                norms = partial
+            elif jax.process_count() > 1:
+                norms = [restrict(s, sharding.mesh) for s in partial]
+            else:
+                norms = [replicate(s, sharding.mesh) for s in partial]
             if grad_norm is None:
                 grad_norm = _global_norm(norms)
             update = self._update_fn(name, tx)
@@ -306,7 +310,7 @@ class Runner(abc.ABC):
             "params": state.params,
             "mu": merge(*mus),
             "nu": merge(*nus),
-            "count": jax.device_get(count),
+            "count": fetch(count),
         }
 
     def import_train_state(

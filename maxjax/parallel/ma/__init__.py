@@ -42,7 +42,9 @@ devices:
    device (int8 with one float32 scale per row, packed into one int8 buffer, when
    ``communication_compression`` is ``8-bit quantization``).
 2. *To the experts* (`transport.py`): piece (j, s) goes from one replica of shard s straight to
-   expert device j, a device-to-device copy of an unchanged block.
+   expert device j, a device-to-device copy of an unchanged block (`jax.device_put` within a
+   process; across processes a collective permute in an exchange program over both pools,
+   `CollectivePieceTransport`).
 3. *Expert stage* (a jitted ``shard_map`` on the expert pool): each device joins the pieces of all
    shards and runs its experts' FFNs (dropout drawn per global expert id and sequence id, so the
    masks equal the single-device model's), then cuts the output into the same pieces.
@@ -99,10 +101,11 @@ from maxjax.parallel.ma.layout import (
 )
 from maxjax.parallel.ma.schedule import COUNTERS, MARunner, pool_bytes_per_stage
 from maxjax.parallel.ma.stages import StagePrograms, TokenState
-from maxjax.parallel.ma.transport import PieceTransport
+from maxjax.parallel.ma.transport import CollectivePieceTransport, PieceTransport
 
 __all__ = [
     "ATTENTION_POOL",
+    "CollectivePieceTransport",
     "COUNTERS",
     "EXPERT_POOL",
     "ExpertOrder",

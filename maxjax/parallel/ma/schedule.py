@@ -52,6 +52,7 @@ from maxjax.parallel.mesh import (
     attention_submesh,
     expert_submesh,
     replicate,
+    restrict,
 )
 from maxjax.parallel.runner import Path, Runner, Tree, map_with_path, merge, select
 
@@ -97,6 +98,7 @@ class MARunner(Runner):
             cfg.ma_separation.synchronization.communication_compression == "8-bit quantization"
         )
         self._programs: dict[TokenSplit, StagePrograms] = {}
+        self._gathers: dict[NamedSharding, Any] = {}
         self._constants: dict[tuple, jax.Array] = {}
         self._expert_rows = jax.device_put(
             self.experts.order, NamedSharding(self.expert_mesh, P(EXPERT_AXIS))
@@ -307,10 +309,7 @@ class MARunner(Runner):
         size = batch // parts
         if isinstance(tokens, jax.Array):
             if not tokens.sharding.is_fully_replicated:
-                raise ValueError(
-                    "MA separation takes tokens as host arrays or as a device array held whole "
-                    f"(on one device or replicated), got sharding {tokens.sharding}"
-                )
+                tokens = self._gathered(tokens)
             pieces = [tokens[i * size : (i + 1) * size] for i in range(parts)]
             return [replicate(p, self.attention_mesh) for p in pieces]
         on_pool = NamedSharding(self.attention_mesh, P())
@@ -318,6 +317,21 @@ class MARunner(Runner):
             jax.device_put(np.asarray(tokens[i * size : (i + 1) * size]), on_pool)
             for i in range(parts)
         ]
+
+    def _gathered(self, tokens: jax.Array) -> jax.Array:
+        """A batch split over devices (each process's rows on its devices: `global_batch`)
+        all-gathered in one program and held whole on the attention pool."""
+        sharding = tokens.sharding
+        devices = set(self.attention_devices)
+        if not isinstance(sharding, NamedSharding) or not devices <= sharding.device_set:
+            raise ValueError(
+                "MA separation takes tokens as host arrays, a device array held whole, or one "
+                f"split over a mesh that holds the attention pool; got sharding {sharding}"
+            )
+        whole = NamedSharding(sharding.mesh, P())
+        if whole not in self._gathers:
+            self._gathers[whole] = jax.jit(lambda t: t, out_shardings=whole)
+        return restrict(self._gathers[whole](tokens), self.attention_mesh)
 
     def _forward_sweep(
         self,
