@@ -36,31 +36,15 @@ def cluster_env() -> dict[str, str]:
 
 @pytest.mark.slow
 def test_ma_across_four_processes_matches_single(tmp_path):
-    env = cluster_env()
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    env = {**cluster_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     port = free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), str(i), str(port), str(tmp_path)],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(PROCESSES)
-    ]
-    logs = []
-    try:
-        for proc in procs:
-            out, _ = proc.communicate(timeout=TIMEOUT_S)
-            logs.append(out)
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    for i, proc in enumerate(procs):
-        assert proc.returncode == 0, f"process {i} failed:\n{logs[i][-4000:]}"
+    runs = run_processes(
+        [[sys.executable, str(WORKER), str(i), str(port), str(tmp_path)] for i in range(PROCESSES)],
+        [env] * PROCESSES,
+        TIMEOUT_S,
+    )
+    for i, run in enumerate(runs):
+        assert run.returncode == 0, f"process {i} failed:\n{(run.stdout + run.stderr)[-4000:]}"
     results = [json.loads((tmp_path / f"result_{i}.json").read_text()) for i in range(PROCESSES)]
     # Processes 0-2 hold the attention devices (the logits, split by vocabulary, and the loss);
     # process 3 holds the expert devices only.
@@ -97,21 +81,32 @@ def launch_train(directory: Path, steps: int, *extra: str) -> list[subprocess.Co
         *TRAIN_OVERRIDES,
         *extra,
     ]
+    return run_processes(
+        [command] * PROCESSES,
+        [{**env, "MAXJAX_PROCESS_ID": str(i)} for i in range(PROCESSES)],
+        TIMEOUT_S * 2,
+    )
+
+
+def run_processes(
+    commands: list[list[str]], envs: list[dict[str, str]], timeout: float
+) -> list[subprocess.CompletedProcess]:
+    """Start the processes together, wait for all of them; kill what is left after `timeout`."""
     procs = [
         subprocess.Popen(
             command,
             cwd=ROOT,
-            env={**env, "MAXJAX_PROCESS_ID": str(i)},
+            env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for i in range(PROCESSES)
+        for command, env in zip(commands, envs, strict=True)
     ]
     done = []
     try:
         for proc in procs:
-            out, err = proc.communicate(timeout=TIMEOUT_S * 2)
+            out, err = proc.communicate(timeout=timeout)
             done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
     finally:
         for proc in procs:
