@@ -41,7 +41,7 @@ from maxjax.parallel import (
     check_strategy,
     make_runner,
 )
-from maxjax.parallel.mesh import enable_cross_process_transfers, fetch
+from maxjax.parallel.mesh import fetch
 
 # --- starting JAX ---------------------------------------------------------------------------
 
@@ -54,7 +54,6 @@ def init_distributed() -> bool:
     auto-detection (`jax.distributed.initialize()` with no arguments).
     """
     env = os.environ
-    enable_cross_process_transfers(env.get("MAXJAX_COORDINATOR_ADDRESS"))
     if "MAXJAX_COORDINATOR_ADDRESS" in env:
         jax.distributed.initialize(
             coordinator_address=env["MAXJAX_COORDINATOR_ADDRESS"],

@@ -1,10 +1,9 @@
 """One process of the 4-process MA test: 4 CPU devices each, gloo collectives.
 
 Usage: python tests/ma_multiprocess_worker.py PROCESS_ID PORT OUT_DIR. Every process builds the
-same MA runner (pieces copied device to device across processes), runs the forward pass and the loss (with gradients), and
-compares what it
-holds (its shards of the logits, the replicated loss) with the single-device reference computed
-on its own first device. It writes OUT_DIR/result_<id>.json.
+same MA runner (pieces cross processes by collective permutes), runs the forward pass and the
+loss (with gradients), and compares what it holds (its shards of the logits, the replicated
+loss) with the single-device reference computed on its own first device. It writes OUT_DIR/result_<id>.json.
 """
 
 from __future__ import annotations
@@ -35,9 +34,6 @@ OVERRIDES = [
 
 
 def main(process_id: int, port: int, out_dir: str) -> None:
-    from maxjax.parallel.mesh import enable_cross_process_transfers
-
-    enable_cross_process_transfers(f"127.0.0.1:{port}")
     jax.distributed.initialize(
         coordinator_address=f"127.0.0.1:{port}", num_processes=4, process_id=process_id
     )

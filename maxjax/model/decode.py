@@ -3,8 +3,9 @@
 Inference routes without dropping: the capacity is raised to the group size
 (`inference_config`), so a token's expert output never depends on which other tokens share its
 group. Only one slot in E/k is then in use, and the experts compute only those
-(`ops.expert_ffn_filled_slots`), the work a server does for top-k routing. Then a prefill plus one-token steps give exactly the logits of re-running the full forward
-pass at every step, whatever the strategy.
+(`ops.expert_ffn_filled_slots`), the work a server does for top-k routing. Then a prefill plus
+one-token steps give exactly the logits of re-running the full forward pass at every step,
+whatever the strategy.
 
 `attention_with_cache` works for any subset of heads (a strategy's shard of them); `generate_loop`
 is the sampling loop every strategy shares, given its own prefill / step functions.

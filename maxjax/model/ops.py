@@ -344,8 +344,7 @@ def filled_slot_counts(buffer: jax.Array) -> jax.Array:
 
 def filled_tiles(counts: jax.Array, tile_rows: int) -> jax.Array:
     """Tiles of `tile_rows` rows the filled slots of counts[E, B] take, one expert per tile."""
-    per_expert = jnp.sum(counts, axis=1)
-    return jnp.sum((per_expert + tile_rows - 1) // tile_rows)
+    return jnp.sum(-(-jnp.sum(counts, axis=1) // tile_rows))
 
 
 def filled_tile_rows(tokens: int, top_k: int, num_experts: int) -> int:
@@ -373,28 +372,27 @@ def expert_ffn_filled_slots(
     """
     num_experts, batch, capacity, model_dim = buffer.shape
     rows = batch * capacity
-    tile = tile_rows
-    num_tiles = -(-num_experts * rows // tile) + num_experts
+    num_tiles = -(-num_experts * rows // tile_rows) + num_experts
     counts = filled_slot_counts(buffer)  # [E, B]
     per_expert = jnp.sum(counts, axis=1)
-    padded = (per_expert + tile - 1) // tile * tile
+    padded = -(-per_expert // tile_rows) * tile_rows
     expert_start = jnp.cumsum(padded) - padded
     group_start = jnp.cumsum(counts, axis=1) - counts  # [E, B]
     slot = jnp.arange(capacity, dtype=jnp.int32)
     filled = slot[None, None, :] < counts[..., None]  # [E, B, C]
     packed_row = expert_start[:, None, None] + group_start[..., None] + slot[None, None, :]
-    packed_row = jnp.where(filled, packed_row, num_tiles * tile).reshape(-1)
-    source = jnp.full((num_tiles * tile,), num_experts * rows, jnp.int32)
+    packed_row = jnp.where(filled, packed_row, num_tiles * tile_rows).reshape(-1)
+    source = jnp.full((num_tiles * tile_rows,), num_experts * rows, jnp.int32)
     source = source.at[packed_row].set(jnp.arange(num_experts * rows, dtype=jnp.int32), mode="drop")
     flat = buffer.reshape(num_experts * rows, model_dim)
     flat = jnp.concatenate([flat, jnp.zeros((1, model_dim), flat.dtype)])
-    tiles = flat[source].reshape(num_tiles, tile, model_dim)
-    tile_start = jnp.arange(num_tiles, dtype=jnp.int32) * tile
+    tiles = flat[source].reshape(num_tiles, tile_rows, model_dim)
+    tile_start = jnp.arange(num_tiles, dtype=jnp.int32) * tile_rows
     expert_end = expert_start + padded
     tile_expert = jnp.minimum(
         jnp.sum(tile_start[:, None] >= expert_end[None, :], axis=1), num_experts - 1
     )
-    active = tile_start < jnp.sum(padded)
+    active = jnp.arange(num_tiles) < filled_tiles(counts, tile_rows)
 
     def ffn(x: jax.Array, e: jax.Array) -> jax.Array:
         w_in = jax.lax.dynamic_index_in_dim(wi, e, keepdims=False)
@@ -407,7 +405,9 @@ def expert_ffn_filled_slots(
         return None, y
 
     _, out = jax.lax.scan(one_tile, None, (tiles, tile_expert, active))
-    out = jnp.concatenate([out.reshape(num_tiles * tile, model_dim), jnp.zeros((1, model_dim))])
+    out = jnp.concatenate(
+        [out.reshape(num_tiles * tile_rows, model_dim), jnp.zeros((1, model_dim))]
+    )
     return out[packed_row].reshape(buffer.shape)
 
 

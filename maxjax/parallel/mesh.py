@@ -9,8 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from maxjax.config import Config
@@ -125,7 +126,7 @@ def replicate_tree(tree: Any, mesh: Mesh) -> Any:
             if device == source:
                 block = next(s.data for s in data.addressable_shards if s.device == device)
             else:
-                block = _zeros_on(data.shape, data.dtype, device)
+                block = zeros_on(data.shape, data.dtype, device)
             blocks.append(block[None])
         sharding = NamedSharding(everywhere, P("all"))
         inputs.append(
@@ -173,33 +174,11 @@ def fetch(tree: Any) -> Any:
 _ZEROS: dict[tuple, jax.Array] = {}
 
 
-def _zeros_on(shape: tuple[int, ...], dtype: Any, device: jax.Device) -> jax.Array:
+def zeros_on(shape: tuple[int, ...], dtype: Any, device: jax.Device) -> jax.Array:
+    """A cached zero array made on `device` (nothing from the host): the blocks a device adds
+    where it has nothing to send."""
     key = (shape, np.dtype(dtype).str, device.id)
     if key not in _ZEROS:
-        _ZEROS[key] = jax.device_put(np.zeros(shape, dtype), device)
+        make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=SingleDeviceSharding(device))
+        _ZEROS[key] = make()
     return _ZEROS[key]
-
-
-def enable_cross_process_transfers(coordinator_address: str | None = None) -> None:
-    """Let `jax.device_put` copy between devices of different processes (the pieces that cross
-    between the pools do, when the pools sit on different hosts). JAX's cross-host transfers
-    listen on `jax_cross_host_transfer_socket_address`; unless it is set (or MAXJAX_TRANSFER_ADDRESS
-    gives one), this picks a free port on the address the coordinator reaches this host by
-    (loopback when the coordinator is local). Call before `jax.distributed.initialize`."""
-    import os
-    import socket
-
-    from jax._src import xla_bridge
-
-    if xla_bridge.CROSS_HOST_TRANSFER_SOCKET_ADDRESS.value:
-        return
-    address = os.environ.get("MAXJAX_TRANSFER_ADDRESS")
-    if address is None:
-        coordinator = (coordinator_address or "").rsplit(":", 1)[0]
-        local = coordinator in ("", "127.0.0.1", "localhost", "::1")
-        host = "127.0.0.1" if local else socket.gethostbyname(socket.gethostname())
-        with socket.socket() as s:
-            s.bind((host, 0))
-            port = s.getsockname()[1]
-        address = f"{host}:{port}"
-    jax.config.update("jax_cross_host_transfer_socket_address", address)

@@ -29,13 +29,13 @@ from collections import defaultdict
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from maxjax.parallel.ma.layout import INCOMING, OUTGOING, TokenSplit
+from maxjax.parallel.mesh import zeros_on
 
 Tree = Any
 
@@ -53,7 +53,6 @@ class PieceTransport:
         self.attention_devices = list(attention_devices)
         self.expert_mesh = expert_mesh
         self.expert_devices = list(expert_mesh.devices.flat)
-        self._dummies: dict[tuple, jax.Array] = {}
         self._one_meshes: dict[int, Mesh] = {}
         self.copies_dispatched = 0
 
@@ -70,16 +69,6 @@ class PieceTransport:
             if shard.device == device:
                 return shard.data
         return None
-
-    def _zeros(self, shape: tuple[int, ...], dtype: Any, device: jax.Device) -> jax.Array:
-        """A cached zero block on `device` (the pieces a replica does not receive)."""
-        key = (shape, np.dtype(dtype).str, device.id)
-        if key not in self._dummies:
-            make = jax.jit(
-                lambda: jnp.zeros(shape, dtype), out_shardings=SingleDeviceSharding(device)
-            )
-            self._dummies[key] = make()
-        return self._dummies[key]
 
     def _copy(self, moves: list[tuple[jax.Array | None, jax.Device, jax.Device, tuple, Any]]):
         """Copy blocks (block, source, destination, shape, dtype) device to device in one batch;
@@ -179,7 +168,7 @@ class PieceTransport:
                         if r == split.sender(j):
                             blocks.append(copied[index[(j, s, n)]])
                         elif device.process_index == jax.process_index():
-                            blocks.append(self._zeros(block_shape, leaf.dtype, device))
+                            blocks.append(zeros_on(block_shape, leaf.dtype, device))
                         else:
                             blocks.append(None)
                 global_shape = (
@@ -265,7 +254,7 @@ class CollectivePieceTransport(PieceTransport):
             for rnd in rounds:
                 sent = {ends[k][0]: moves[members[k]][0] for k in rnd}
                 blocks = [
-                    sent[slot] if slot in sent else self._zeros(shape, dtype, device)
+                    sent[slot] if slot in sent else zeros_on(shape, dtype, device)
                     for slot, device in enumerate(self.devices)
                     if device.process_index == me
                 ]
