@@ -53,15 +53,9 @@ class PieceTransport:
         self.attention_devices = list(attention_devices)
         self.expert_mesh = expert_mesh
         self.expert_devices = list(expert_mesh.devices.flat)
-        self._one_meshes: dict[int, Mesh] = {}
         self.copies_dispatched = 0
 
     # --- single-device views ---------------------------------------------------------------------
-
-    def _one_mesh(self, device: jax.Device) -> Mesh:
-        if device.id not in self._one_meshes:
-            self._one_meshes[device.id] = Mesh(np.array([device]), ("one",))
-        return self._one_meshes[device.id]
 
     def _block(self, x: jax.Array, device: jax.Device) -> jax.Array | None:
         """x's shard on `device` as an array of its own (None if not on this process)."""
@@ -72,35 +66,12 @@ class PieceTransport:
 
     def _copy(self, moves: list[tuple[jax.Array | None, jax.Device, jax.Device, tuple, Any]]):
         """Copy blocks (block, source, destination, shape, dtype) device to device in one batch;
-        returns the destination blocks (None where the destination is on another process)."""
+        returns the destination blocks. Within one process only (`MARunner` moves pieces across
+        processes with `CollectivePieceTransport`)."""
+        if jax.process_count() > 1:
+            raise RuntimeError("PieceTransport copies within one process; use the collective one")
         self.copies_dispatched += len(moves)
-        if jax.process_count() == 1:
-            return jax.device_put([m[0] for m in moves], [m[2] for m in moves])
-        # Across processes every process makes the same device_put call, in the same order, for
-        # the pieces whose ends sit on different processes; a piece within one process is copied
-        # by that process alone.
-        me = jax.process_index()
-        out: list[jax.Array | None] = [None] * len(moves)
-        local = [i for i, m in enumerate(moves) if m[1].process_index == m[2].process_index == me]
-        if local:
-            copied = jax.device_put([moves[i][0] for i in local], [moves[i][2] for i in local])
-            for i, y in zip(local, copied, strict=True):
-                out[i] = y
-        remote = [i for i, m in enumerate(moves) if m[1].process_index != m[2].process_index]
-        if remote:
-            sources, targets = [], []
-            for i in remote:
-                block, src, dst, shape, dtype = moves[i]
-                one = NamedSharding(self._one_mesh(src), P())
-                blocks = [] if block is None else [block]
-                sources.append(
-                    jax.make_array_from_single_device_arrays(shape, one, blocks, dtype=dtype)
-                )
-                targets.append(NamedSharding(self._one_mesh(dst), P()))
-            for i, y in zip(remote, jax.device_put(sources, targets), strict=True):
-                if moves[i][2].process_index == me:
-                    out[i] = y.addressable_shards[0].data
-        return out
+        return jax.device_put([m[0] for m in moves], [m[2] for m in moves])
 
     # --- the two directions ----------------------------------------------------------------------
 
