@@ -5,8 +5,11 @@ A checkpoint directory holds one sub-directory per saved step (``DIR/<step>/``) 
 - ``state``: ``Runner.export_train_state`` = {params, mu, nu, count} in the writing runner's own
   layout (padded heads and vocabulary, permuted experts, stacked stages), as the sharded arrays
   it holds: orbax writes each device's shards from where they are, each process only its own
-  (addressable) shards, so no device and no host ever holds a whole pool's tree;
-- ``meta``: JSON with the step, the training data position (``TokenBatches.state()``), the RNG
+  (addressable) shards, so no device and no host ever holds a whole pool's tree. Across
+  processes the item is ``shards`` instead (`maxjax.sharded_state`): orbax cannot write an array
+  that lives on some processes only, as MA separation's pools do, so every process writes its
+  own shards as files with an index, and any number of processes reads them back;
+- ``meta``: JSON with the step, which of the two items holds the state (``state_item``), the training data position (``TokenBatches.state()``), the RNG
   seed, the strategy that wrote it and ``layout``, its runner's ``storage_layout()`` (what fixes
   the stored leaves' shapes and order; checkpoints without it hold the single-device layout);
 - ``config``: the run's config as JSON (``Config.to_dict()``).
@@ -17,7 +20,7 @@ other restore (another strategy, or no target) reads the stored arrays onto one 
 converts them there to the single-device layout (`maxjax.parallel.canonical_from_storage`):
 changing strategy passes the whole tree through one device, as a single-device run needs anyway.
 
-Saves are asynchronous: orbax writes into a temporary directory and renames it to ``DIR/<step>``
+Saves in one process are asynchronous. Orbax writes into a temporary directory and renames it to ``DIR/<step>``
 only when every item is complete, so a process killed at any moment leaves the previous
 checkpoints intact and at most a temporary directory that restoring ignores. The trainer saves
 only states that `all_finite` (one on-device reduction per device pool) accepts. Restoring
@@ -27,7 +30,8 @@ checkpoint that fails to read or verify is reported and restoring falls back to 
 it.
 
 Everything on disk is found and read through orbax's public API (its step-name format, its
-CheckpointManager and its JSON item handler); this module never opens orbax's files by path.
+CheckpointManager and its JSON item handler); this module never opens orbax's files by path
+(the shard files are this project's own format, read by their own handler).
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+from maxjax.sharded_state import ShardFilesHandler, ShardFilesRestore, ShardFilesSave
 
 
 class RestoreTarget(NamedTuple):
@@ -62,6 +68,7 @@ class CheckpointError(RuntimeError):
 def _handlers() -> dict[str, ocp.CheckpointHandler]:
     return {
         "state": ocp.StandardCheckpointHandler(),
+        "shards": ShardFilesHandler(),
         "meta": ocp.JsonCheckpointHandler(),
         "config": ocp.JsonCheckpointHandler(),
     }
@@ -112,24 +119,11 @@ def read_config(directory: str | Path, step: int | None = None) -> tuple[int, di
     raise CheckpointError(f"no readable config in any checkpoint of {str(directory)!r}")
 
 
-def unwritable_across_processes(tree: Any) -> str | None:
-    """Why orbax cannot write `tree` (arrays or ShapeDtypeStructs with shardings) from this
-    cluster, or None if it can. With several processes orbax writes an array only if every
-    process holds a shard of it; a pool placed on some processes' devices only cannot be saved
-    that way."""
-    processes = jax.process_count()
-    if processes == 1:
-        return None
-    from maxjax.parallel.runner import tree_paths
-
-    for path, leaf in tree_paths(tree):
-        held = sorted({d.process_index for d in leaf.sharding.device_set})
-        if len(held) < processes:
-            return (
-                f"{'.'.join(path)} lives on the devices of process(es) {held} only, and orbax "
-                "writes an array only if every process holds a shard of it"
-            )
-    return None
+def state_item() -> str:
+    """The item that holds the arrays: orbax's ``state`` in one process; ``shards``
+    (`maxjax.sharded_state`, one set of shard files per process) across processes, where a pool
+    may live on some processes only and orbax cannot write it."""
+    return "shards" if jax.process_count() > 1 else "state"
 
 
 def all_finite(tree: Any) -> bool:
@@ -206,6 +200,57 @@ def _keyed_like(tree: Any, like: Any) -> Any:
     return {k: _keyed_like(tree[k] if k in tree else tree[str(k)], v) for k, v in like.items()}
 
 
+def _empty_leaves(tree: Any, prefix: tuple[str, ...] = ()) -> list[list[Any]]:
+    """[dotted name, shape, dtype] of every zero-size leaf (orbax refuses to write them; the
+    pipeline baselines keep such placeholders for the layers a stage does not hold)."""
+    if isinstance(tree, dict):
+        return [e for k, v in tree.items() for e in _empty_leaves(v, (*prefix, str(k)))]
+    if hasattr(tree, "shape") and int(np.prod(tree.shape)) == 0:
+        return [[".".join(prefix), list(tree.shape), str(np.dtype(tree.dtype))]]
+    return []
+
+
+def _without(tree: Any, names: set[str], prefix: tuple[str, ...] = ()) -> Any:
+    """`tree` without the leaves named in `names` (and without the dicts left empty)."""
+    if not isinstance(tree, dict):
+        return tree
+    out = {}
+    for k, v in tree.items():
+        path = (*prefix, str(k))
+        if ".".join(path) in names:
+            continue
+        kept = _without(v, names, path)
+        if not (isinstance(kept, dict) and not kept and isinstance(v, dict) and v):
+            out[k] = kept
+    return out
+
+
+def _with_empty(like: Any, restored: Any, names: set[str], prefix: tuple[str, ...] = ()) -> Any:
+    """`restored` with the leaves named in `names` put back as zero-size arrays placed like
+    the corresponding leaves of `like` (ShapeDtypeStructs), in `like`'s structure."""
+    if not isinstance(like, dict):
+        if ".".join(prefix) not in names:
+            return restored
+        zeros = np.zeros(like.shape, like.dtype)
+        sharding = getattr(like, "sharding", None)
+        return jax.device_put(zeros, sharding) if sharding is not None else zeros
+    return {
+        k: _with_empty(v, _child(restored, k), names, (*prefix, str(k))) for k, v in like.items()
+    }
+
+
+def _child(tree: Any, key: Any) -> Any:
+    if not isinstance(tree, dict):
+        return None
+    return tree[key] if key in tree else tree.get(str(key))
+
+
+def _insert(tree: dict, path: list[str], value: Any) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
 def _shape_mismatches(saved: Any, expected: Any) -> list[str]:
     """One message for every expected array that the checkpoint lacks or holds in another shape."""
     saved_leaves, expected_leaves = _leaf_names(saved), _leaf_names(expected)
@@ -247,12 +292,21 @@ class CheckpointStore:
     def save(
         self, step: int, exported: dict[str, Any], meta: dict[str, Any], config: dict[str, Any]
     ) -> None:
-        """Start writing checkpoint `step` in the background (returns once arrays are copied)."""
+        """Start writing checkpoint `step` (in the background in one process; across processes
+        the shard files are written before this returns)."""
+        item = state_item()
+        if item == "shards":
+            state, empty = ShardFilesSave(exported), []
+        else:
+            empty = _empty_leaves(exported)
+            state = ocp.args.StandardSave(_without(exported, {name for name, *_ in empty}))
         self._manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(exported),
-                meta=ocp.args.JsonSave({**meta, "step": step}),
+                **{item: state},
+                meta=ocp.args.JsonSave(
+                    {**meta, "step": step, "state_item": item, "empty_leaves": empty}
+                ),
                 config=ocp.args.JsonSave(config),
             ),
         )
@@ -318,10 +372,15 @@ class CheckpointStore:
             ]
         )
         layout = meta.get("layout", CANONICAL_LAYOUT)
-        saved = self._manager.item_metadata(step)["state"]
+        item = meta.get("state_item", "state")
+        empty = {name: (tuple(shape), dtype) for name, shape, dtype in meta.get("empty_leaves", [])}
+        saved = self._manager.item_metadata(step)[item]
         stored = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(tuple(x.shape), x.dtype), saved["params"]
         )
+        for name, (shape, dtype) in empty.items():
+            if name.startswith("params."):
+                _insert(stored, name.split(".")[1:], jax.ShapeDtypeStruct(shape, dtype))
         problems = _shape_mismatches(
             jax.eval_shape(lambda t: canonical_from_storage(layout, t), stored), expected_params
         )
@@ -337,16 +396,15 @@ class CheckpointStore:
         params = (
             target.params if direct else jax.tree.map(on_host, _keyed_like(stored, expected_params))
         )
+        wanted = {"params": params, "mu": params, "nu": params, "count": on_host(saved["count"])}
+        reader = ShardFilesRestore if item == "shards" else ocp.args.StandardRestore
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(
-                    {"params": params, "mu": params, "nu": params, "count": on_host(saved["count"])}
-                ),
-                config=ocp.args.JsonRestore(),
+                **{item: reader(_without(wanted, set(empty)))}, config=ocp.args.JsonRestore()
             ),
         )
-        state = dict(restored["state"])
+        state = _with_empty(wanted, restored[item], set(empty))
         state["count"] = np.asarray(state["count"])
         if not direct:
             convert = jax.jit(lambda t: canonical_from_storage(layout, t))

@@ -41,11 +41,9 @@ from tqdm import tqdm
 
 from maxjax import model
 from maxjax.checkpoint import (
-    CheckpointError,
     CheckpointStore,
     all_finite,
     restore_target,
-    unwritable_across_processes,
 )
 from maxjax.config import Config, load_config
 from maxjax.data import TokenBatches, validation_batches
@@ -258,9 +256,7 @@ def train(
     """Train to step `steps` (default schedule.total_steps), resuming from `checkpoint_dir`.
 
     With `checkpoints=False` nothing is read from or written to the checkpoint directory but
-    metrics.jsonl (a fresh run that cannot be resumed). Across processes this is required
-    where a strategy keeps a pool on some processes only (`unwritable_across_processes`):
-    such a run is refused with one line before it starts.
+    metrics.jsonl (a fresh run that cannot be resumed).
 
     Returns {step, first_loss, last_loss, val_loss, val_perplexity, history, checkpoint_dir,
     wall_seconds}; `history` holds the metrics.jsonl records of this call.
@@ -281,14 +277,6 @@ def train(
     runner = make_runner(cfg, strategy)
     tx = make_optimizer(cfg)
     lr_at = learning_rate_schedule(cfg)
-    if checkpoints:
-        blocker = unwritable_across_processes(runner.abstract_params())
-        if blocker:
-            raise CheckpointError(
-                f"checkpoints of strategy {strategy!r} cannot be written across "
-                f"{jax.process_count()} processes yet: {blocker}; run with --no-checkpoint to "
-                "train without them (the run cannot be resumed)"
-            )
     store = CheckpointStore(directory, cfg.checkpoint.max_to_keep)
 
     if checkpoints and store.steps():
