@@ -430,11 +430,13 @@ def _arrays(tree) -> dict:
 
 
 @pytest.mark.skipif("ma" not in STRATEGIES, reason="the MA separation runner is not registered")
-def test_ma_checkpoint_goes_shard_by_shard_and_restores_exactly(tmp_path, monkeypatch):
+@pytest.mark.parametrize("item", ["state", "shards"])
+def test_ma_checkpoint_goes_shard_by_shard_and_restores_exactly(tmp_path, monkeypatch, item):
     """Every array handed to orbax and every array it returns is a device array split like
     the runner's own (an expert or attention leaf is never whole on a device); restoring gives
     back the state bit for bit on the same shardings; without a target (another strategy) the
-    checkpoint reads back in the single-device layout."""
+    checkpoint reads back in the single-device layout. Both for orbax's own item and for the
+    per-process shard files used across processes (chosen here in one process)."""
     cfg = load_config("tiny", FAST)
     runner, tx = make_runner(cfg, "ma"), make_optimizer(cfg)
     state = runner.init_train_state(runner.init(0), tx)
@@ -443,20 +445,24 @@ def test_ma_checkpoint_goes_shard_by_shard_and_restores_exactly(tmp_path, monkey
     state, _ = runner.apply_gradients(state, grads, tx)
 
     handed, returned = [], []
-    real_save, real_restore = checkpoint.ocp.args.StandardSave, ocp.CheckpointManager.restore
+    real_restore = ocp.CheckpointManager.restore
+    saver = "ShardFilesSave" if item == "shards" else "StandardSave"
+    owner = checkpoint if item == "shards" else checkpoint.ocp.args
+    real_save = getattr(owner, saver)
 
-    def save(item, *args, **kwargs):
-        handed.append(item)
-        return real_save(item, *args, **kwargs)
+    def save(tree, *args, **kwargs):
+        handed.append(tree)
+        return real_save(tree, *args, **kwargs)
 
     def restore(self, *args, **kwargs):
         out = real_restore(self, *args, **kwargs)
-        if "state" in out:
-            returned.append(out["state"])
+        if item in out:
+            returned.append(out[item])
         return out
 
-    monkeypatch.setattr(checkpoint.ocp.args, "StandardSave", save)
+    monkeypatch.setattr(owner, saver, save)
     monkeypatch.setattr(ocp.CheckpointManager, "restore", restore)
+    monkeypatch.setattr(checkpoint, "state_item", lambda: item)
     store = CheckpointStore(tmp_path)
     meta = {"strategy": "ma", "layout": runner.storage_layout()}
     store.save(state.step, runner.export_train_state(state), meta, cfg.to_dict())
@@ -499,3 +505,63 @@ def test_ma_checkpoint_goes_shard_by_shard_and_restores_exactly(tmp_path, monkey
         strict=True,
     ):
         np.testing.assert_array_equal(np.asarray(a), b, err_msg=path)
+
+
+def test_shard_files_restore_onto_any_sharding_and_refuse_a_missing_shard(tmp_path):
+    """The per-process shard files give back every array bit for bit, whatever sharding the
+    reader asks for (another mesh, other axes, replicated, one host array), for float32,
+    bfloat16, scalars and host numpy leaves; a block no file covers is an error."""
+    import json
+
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from maxjax.sharded_state import ShardFilesHandler, ShardFilesRestore, ShardFilesSave
+
+    devices = jax.devices()
+    square = Mesh(np.array(devices[:4]).reshape(2, 2), ("a", "b"))
+    line = Mesh(np.array(devices[12:]), ("e",))
+    weights = jax.device_put(
+        jax.random.normal(jax.random.key(0), (8, 6)), NamedSharding(square, P("a", "b"))
+    )
+    experts = jax.device_put(
+        jnp.arange(24, dtype=jnp.bfloat16).reshape(4, 6), NamedSharding(line, P("e"))
+    )
+    tree = {
+        "params": {0: weights, "experts": experts},
+        "scale": jax.device_put(jnp.float32(2.5), NamedSharding(square, P())),
+        "count": np.array(3, np.int32),
+    }
+    manager = ocp.CheckpointManager(tmp_path, item_handlers={"shards": ShardFilesHandler()})
+    manager.save(1, args=ocp.args.Composite(shards=ShardFilesSave(tree)))
+    manager.wait_until_finished()
+
+    def spec(x, sharding=None):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+    target = {
+        "params": {
+            0: spec(weights, NamedSharding(line, P(None, None))),
+            "experts": spec(experts, NamedSharding(square, P(None, "b"))),
+        },
+        "scale": spec(tree["scale"]),
+        "count": spec(tree["count"]),
+    }
+    got = manager.restore(1, args=ocp.args.Composite(shards=ShardFilesRestore(target)))["shards"]
+    assert got["params"][0].sharding == target["params"][0].sharding
+    assert got["params"]["experts"].sharding == target["params"]["experts"].sharding
+    assert got["params"]["experts"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got["params"][0]), np.asarray(weights))
+    np.testing.assert_array_equal(np.asarray(got["params"]["experts"]), np.asarray(experts))
+    assert float(got["scale"]) == 2.5 and int(got["count"]) == 3
+    shapes = manager.item_metadata(1)["shards"]
+    assert shapes["params"]["experts"].shape == (4, 6)
+    manager.close()
+
+    index_path = next((tmp_path / "1" / "shards").glob("process_*/index.json"))
+    index = json.loads(index_path.read_text())
+    index["params/experts"]["shards"].pop()
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="do not cover"):
+        ShardFilesHandler().restore(tmp_path / "1" / "shards", ShardFilesRestore(target))

@@ -529,7 +529,18 @@ class BaselineRunner(Runner):
         return self._to_canonical_fn(tree)
 
     def from_canonical(self, tree: Tree) -> Tree:
-        return self._from_canonical(tree)
+        """The single-device layout placed on this runner's mesh. A leaf committed to other
+        devices (a checkpoint read onto the host device) is first copied onto the whole mesh,
+        replicated, as the conversion program takes it."""
+        replicated = NamedSharding(self.mesh, P())
+        devices = set(self.mesh.devices.flat)
+
+        def onto_mesh(x: Any) -> Any:
+            if isinstance(x, jax.Array) and x.sharding.device_set != devices:
+                return jax.device_put(x, replicated)
+            return x
+
+        return self._from_canonical(jax.tree.map(onto_mesh, tree))
 
     def init_caches(self, batch: int, max_len: int) -> list[decode.KVCache]:
         """Zero KV caches of this stage's layers, [stage, B, T, N, D] sharded like attention."""
