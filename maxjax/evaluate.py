@@ -30,6 +30,7 @@ from maxjax.checkpoint import (
     read_json_item,
     restore_target,
 )
+from maxjax.cluster import init_distributed
 from maxjax.config import Config, ConfigError, config_from_dict
 from maxjax.data import DataError, validation_batches
 from maxjax.optim import make_optimizer
@@ -44,27 +45,6 @@ from maxjax.parallel import (
 from maxjax.parallel.mesh import fetch
 
 # --- starting JAX ---------------------------------------------------------------------------
-
-
-def init_distributed() -> bool:
-    """Join a multi-process JAX cluster if the environment describes one; True if it did.
-
-    Explicit: MAXJAX_COORDINATOR_ADDRESS (host:port of process 0), MAXJAX_NUM_PROCESSES,
-    MAXJAX_PROCESS_ID. Otherwise, under SLURM or Open MPI with more than one task, JAX's own
-    auto-detection (`jax.distributed.initialize()` with no arguments).
-    """
-    env = os.environ
-    if "MAXJAX_COORDINATOR_ADDRESS" in env:
-        jax.distributed.initialize(
-            coordinator_address=env["MAXJAX_COORDINATOR_ADDRESS"],
-            num_processes=int(env["MAXJAX_NUM_PROCESSES"]),
-            process_id=int(env["MAXJAX_PROCESS_ID"]),
-        )
-        return True
-    if int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
-        jax.distributed.initialize()
-        return True
-    return False
 
 
 def setup_jax(cfg: Config) -> None:

@@ -1,0 +1,144 @@
+"""Joining a multi-process JAX cluster, and ending cleanly when a process of it is lost.
+
+A collective whose peer has died never returns; JAX's coordination service notices the silence
+after its heartbeat timeout and then aborts every other process with a multi-line fatal log and a
+stack trace. `PeerWatch` ends them first, with one line: every process publishes a counter in the
+coordination service's key-value store every second and watches the others'; a process whose
+counter has not moved for `peer_timeout_s` seconds (MAXJAX_PEER_TIMEOUT_S, default 30) is named
+as lost, and each survivor prints
+
+    maxjax.train: error: process 2 stopped responding (no heartbeat for 30 s); ...
+
+and exits with status 1. JAX's own heartbeat timeout is set to 4 x that + 10 s (JAX sends its
+heartbeats at intervals of a good part of its timeout, so a shorter one could fire first), so
+the watch speaks first. When the coordination service itself is gone (process 0 died), the store cannot be read
+and the line names process 0. Checkpoints are written into a temporary directory renamed only
+when complete, so starting all processes again resumes from the newest complete one.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+
+PEER_TIMEOUT_S = 30
+_KEY = "maxjax/heartbeat/"
+
+
+def peer_timeout_s() -> float:
+    return float(os.environ.get("MAXJAX_PEER_TIMEOUT_S", PEER_TIMEOUT_S))
+
+
+def init_distributed() -> bool:
+    """Join a multi-process JAX cluster if the environment describes one; True if it did.
+
+    Explicit: MAXJAX_COORDINATOR_ADDRESS (host:port of process 0), MAXJAX_NUM_PROCESSES,
+    MAXJAX_PROCESS_ID. Otherwise, under SLURM or Open MPI with more than one task, JAX's own
+    auto-detection (`jax.distributed.initialize()` with no arguments). A `PeerWatch` starts
+    once the cluster is joined.
+    """
+    env = os.environ
+    if "MAXJAX_COORDINATOR_ADDRESS" in env:
+        arguments: dict[str, Any] = {
+            "coordinator_address": env["MAXJAX_COORDINATOR_ADDRESS"],
+            "num_processes": int(env["MAXJAX_NUM_PROCESSES"]),
+            "process_id": int(env["MAXJAX_PROCESS_ID"]),
+        }
+    elif int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+        arguments = {}
+    else:
+        return False
+    timeout = peer_timeout_s()
+    jax.distributed.initialize(**arguments, heartbeat_timeout_seconds=int(4 * timeout) + 10)
+    PeerWatch(timeout).start()
+    return True
+
+
+def program_name() -> str:
+    """'maxjax.train' under `python -m maxjax.train`, the script's name otherwise."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return spec.name if spec is not None else Path(sys.argv[0] or "maxjax").stem
+
+
+def _client() -> Any:
+    from jax._src import distributed
+
+    return distributed.global_state.client
+
+
+class PeerWatch(threading.Thread):
+    """Publishes this process's heartbeat and ends the process with one line when another
+    process's heartbeat stops (see the module docstring)."""
+
+    def __init__(self, timeout_s: float, interval_s: float = 1.0):
+        super().__init__(name="maxjax-peer-watch", daemon=True)
+        self.timeout_s = timeout_s
+        self.interval_s = interval_s
+        self.process = jax.process_index()
+        self.processes = jax.process_count()
+
+    def run(self) -> None:
+        client = _client()
+        beat = 0
+        started = time.monotonic()
+        seen: dict[int, tuple[str, float]] = {}
+        while True:
+            try:
+                client.key_value_set(f"{_KEY}{self.process}", str(beat), allow_overwrite=True)
+                values = dict(client.key_value_dir_get(_KEY))
+            except Exception as e:  # noqa: BLE001 - the service is gone: process 0 is lost
+                self.stop(f"the coordinator (process 0) stopped responding ({type(e).__name__})")
+                return
+            beat += 1
+            now = time.monotonic()
+            for peer in range(self.processes):
+                value = values.get(f"{_KEY}{peer}")
+                if value is not None and seen.get(peer, (None,))[0] != value:
+                    seen[peer] = (value, now)
+                last = seen.get(peer, (None, started))[1]
+                if peer != self.process and now - last > self.timeout_s:
+                    self.stop(
+                        f"process {peer} stopped responding (no heartbeat for "
+                        f"{self.timeout_s:g} s)",
+                        waiting=self.process == 0,
+                    )
+                    return
+            time.sleep(self.interval_s)
+
+    def stop(self, why: str, waiting: bool = False) -> None:
+        """Print the line and exit. With `waiting` (process 0, which hosts the coordination
+        service) first wait until the other survivors have stopped too: the service ending
+        would otherwise make JAX abort them before they print their own line."""
+        print(
+            f"{program_name()}: error: {why}; process {self.process} stops too. Start all "
+            f"{self.processes} processes again to resume from the newest complete checkpoint.",
+            file=sys.stderr,
+            flush=True,
+        )
+        if waiting:
+            self._wait_until_peers_stop()
+        os._exit(1)
+
+    def _wait_until_peers_stop(self) -> None:
+        """Until no other process's heartbeat has moved for 3 intervals (at most the timeout)."""
+        client, quiet_s = _client(), 3 * self.interval_s
+        start = time.monotonic()
+        values: dict[str, str] = {}
+        changed = start
+        while time.monotonic() - start < self.timeout_s:
+            try:
+                now_values = dict(client.key_value_dir_get(_KEY))
+            except Exception:  # noqa: BLE001 - nothing left to wait for
+                return
+            now_values.pop(f"{_KEY}{self.process}", None)
+            if now_values != values:
+                values, changed = now_values, time.monotonic()
+            elif time.monotonic() - changed >= quiet_s:
+                return
+            time.sleep(self.interval_s / 4)
