@@ -1,21 +1,23 @@
 """MA separation across 4 processes x 4 CPU devices (the seed's 4 nodes x 4 GPUs).
 
-Launches `tests/ma_multiprocess_worker.py` four times with `jax.distributed` (gloo collectives);
-every process compares its shards of the MA logits and the loss with the single-device reference.
-Then `python -m maxjax.train` itself, four times, as tutorials/cluster.md launches it.
+Launches `python -m maxjax.train` and `python -m maxjax.evaluate` four times each, as
+tutorials/cluster.md does, and compares what they log with the same run in this process on 16
+emulated devices: losses, checkpoints, resume, evaluation, and the end of a run that loses a
+process.
 """
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-WORKER = Path(__file__).with_name("ma_multiprocess_worker.py")
-ROOT = WORKER.parent.parent
+ROOT = Path(__file__).parent.parent
 PROCESSES = 4
 TIMEOUT_S = 300
 
@@ -34,122 +36,196 @@ def cluster_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in drop}
 
 
-@pytest.mark.slow
-def test_ma_across_four_processes_matches_single(tmp_path):
-    env = {**cluster_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    port = free_port()
-    runs = run_processes(
-        [[sys.executable, str(WORKER), str(i), str(port), str(tmp_path)] for i in range(PROCESSES)],
-        [env] * PROCESSES,
-        TIMEOUT_S,
-    )
-    for i, run in enumerate(runs):
-        assert run.returncode == 0, f"process {i} failed:\n{(run.stdout + run.stderr)[-4000:]}"
-    results = [json.loads((tmp_path / f"result_{i}.json").read_text()) for i in range(PROCESSES)]
-    # Processes 0-2 hold the attention devices (the logits, split by vocabulary, and the loss);
-    # process 3 holds the expert devices only.
-    assert [r["logit_shards"] for r in results] == [4, 4, 4, 0]
-    for r in results:
-        assert r["logits_error"] <= 1e-5
-    for r in results[:3]:
-        assert abs(r["loss"] - r["reference_loss"]) <= 1e-5 * abs(r["reference_loss"])
+# Two layers and one validation batch keep the four processes' compiles and runs short; a
+# checkpoint every step; everything else is configs/tiny.yaml.
+TRAIN_OVERRIDES = (
+    "--set",
+    "model.layers=2",
+    "--set",
+    "training.validation_batches=1",
+    "--set",
+    "checkpoint.interval_steps=1",
+)
 
 
-def launch_train(directory: Path, steps: int, *extra: str) -> list[subprocess.CompletedProcess]:
-    """`python -m maxjax.train` as 4 processes x 4 CPU devices, launched the way
+def overridden(cfg):
+    from maxjax.config import with_overrides
+
+    return with_overrides(cfg, list(TRAIN_OVERRIDES[1::2]))
+
+
+def start(module: str, arguments: list[str], logs: Path, **env: str) -> list[subprocess.Popen]:
+    """`python -m <module> ARGUMENTS` as 4 processes x 4 CPU devices, launched the way
     tutorials/cluster.md says (MAXJAX_COORDINATOR_ADDRESS, MAXJAX_NUM_PROCESSES,
-    MAXJAX_PROCESS_ID); nothing else is set: the project picks gloo and its transport itself."""
-    env = cluster_env()
-    env.update(
-        JAX_PLATFORMS="cpu",
-        MAXJAX_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}",
-        MAXJAX_NUM_PROCESSES=str(PROCESSES),
-    )
-    command = [
-        sys.executable,
-        "-m",
-        "maxjax.train",
-        "--config",
-        "configs/tiny.yaml",
-        "--strategy",
-        "ma",
-        "--steps",
-        str(steps),
-        "--checkpoint-dir",
-        str(directory),
-        "--no-progress",
-        *TRAIN_OVERRIDES,
-        *extra,
-    ]
-    return run_processes(
-        [command] * PROCESSES,
-        [{**env, "MAXJAX_PROCESS_ID": str(i)} for i in range(PROCESSES)],
-        TIMEOUT_S * 2,
-    )
-
-
-def run_processes(
-    commands: list[list[str]], envs: list[dict[str, str]], timeout: float
-) -> list[subprocess.CompletedProcess]:
-    """Start the processes together, wait for all of them; kill what is left after `timeout`."""
-    procs = [
+    MAXJAX_PROCESS_ID); nothing else is set: the project picks gloo and its transport itself.
+    Process i writes logs/<i>.out and logs/<i>.err."""
+    shared = {
+        **cluster_env(),
+        "JAX_PLATFORMS": "cpu",
+        "MAXJAX_COORDINATOR_ADDRESS": f"127.0.0.1:{free_port()}",
+        "MAXJAX_NUM_PROCESSES": str(PROCESSES),
+        **env,
+    }
+    logs.mkdir(parents=True, exist_ok=True)
+    return [
         subprocess.Popen(
-            command,
+            [sys.executable, "-m", module, *arguments],
             cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            env={**shared, "MAXJAX_PROCESS_ID": str(i)},
+            stdout=(logs / f"{i}.out").open("w"),
+            stderr=(logs / f"{i}.err").open("w"),
             text=True,
         )
-        for command, env in zip(commands, envs, strict=True)
+        for i in range(PROCESSES)
     ]
-    done = []
+
+
+def finish(procs: list[subprocess.Popen], logs: Path, timeout: float = TIMEOUT_S * 2) -> list:
+    """Wait for every process (kill what is left after `timeout`); their CompletedProcesses."""
+    deadline = time.monotonic() + timeout
     try:
         for proc in procs:
-            out, err = proc.communicate(timeout=timeout)
-            done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
-    return done
+                proc.wait()
+    return [
+        subprocess.CompletedProcess(
+            proc.args,
+            proc.returncode,
+            (logs / f"{i}.out").read_text(),
+            (logs / f"{i}.err").read_text(),
+        )
+        for i, proc in enumerate(procs)
+    ]
 
 
-# Two layers keep the four processes' compiles short; everything else is configs/tiny.yaml.
-TRAIN_OVERRIDES = ("--set", "model.layers=2")
-
-
-@pytest.mark.slow
-def test_training_across_four_processes_logs_the_single_process_losses(tmp_path, tiny_cfg):
-    """MA training as 4 processes logs, from process 0, the losses, gradient norms and
-    validation loss of the same run in one process on 16 emulated devices (relative 1e-4)."""
-    from maxjax.config import with_overrides
-    from maxjax.train import train
-
-    steps = 2
-    runs = launch_train(tmp_path / "cluster", steps, "--no-checkpoint")
+def launch(module: str, arguments: list[str], logs: Path) -> list[subprocess.CompletedProcess]:
+    """Run the 4 processes to the end; each must succeed."""
+    runs = finish(start(module, arguments, logs), logs)
     for i, run in enumerate(runs):
         assert run.returncode == 0, f"process {i} failed:\n{run.stderr[-4000:]}"
-    assert "no checkpoints" in runs[0].stdout
-    assert not any(p.name != "metrics.jsonl" for p in (tmp_path / "cluster").iterdir())
-    cluster = [json.loads(line) for line in (tmp_path / "cluster" / "metrics.jsonl").open()]
-    cfg = with_overrides(tiny_cfg, [TRAIN_OVERRIDES[1]])
-    single = train(cfg, "ma", steps, tmp_path / "single", progress=False)["history"]
-    assert [r["step"] for r in cluster] == [r["step"] for r in single]
-    for got, want in zip(cluster, single, strict=True):
-        for key in ("loss", "lm_loss", "grad_norm", "val_loss"):
-            if key in want:
-                assert abs(got[key] - want[key]) <= 1e-4 * abs(want[key]), (got["step"], key)
+    return runs
+
+
+def train_arguments(directory: Path, steps: int) -> list[str]:
+    return [
+        *("--config", "configs/tiny.yaml", "--strategy", "ma", "--steps", str(steps)),
+        *("--checkpoint-dir", str(directory), "--no-progress", *TRAIN_OVERRIDES),
+    ]
+
+
+def assert_close(got: float, want: float, what: str, rel: float = 1e-4) -> None:
+    assert abs(got - want) <= rel * abs(want), f"{what}: {got} vs {want}"
+
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tiny_cfg, tmp_path_factory):
+    """The same training run in this process on 16 emulated devices: STEPS steps."""
+    from maxjax.train import train
+
+    directory = tmp_path_factory.mktemp("one-process")
+    return train(overridden(tiny_cfg), "ma", STEPS, directory, progress=False)
+
+
+def assert_same_losses(directory: Path, reference: dict, every_step: bool = False) -> None:
+    """metrics.jsonl of `directory` has a training record for the first steps of `reference`
+    (`every_step`: for all of them) with its losses and gradient norm (relative 1e-4)."""
+    logged = {}
+    for line in (directory / "metrics.jsonl").open():
+        record = json.loads(line)
+        if "loss" in record:
+            logged[record["step"]] = record
+    want = {r["step"]: r for r in reference["history"] if "loss" in r}
+    expected = sorted(want) if every_step else sorted(want)[: len(logged)]
+    assert sorted(logged) == expected and logged, sorted(logged)
+    for step, got in logged.items():
+        for key in ("loss", "lm_loss", "grad_norm"):
+            assert_close(got[key], want[step][key], f"step {step} {key}")
 
 
 @pytest.mark.slow
-def test_training_across_processes_refuses_checkpoints_it_cannot_write(tmp_path):
-    """Orbax writes only arrays every process holds a shard of; MA keeps its expert pool on the
-    fourth process alone, so a run that would checkpoint stops with one line naming the flag
-    before it trains, and writes nothing."""
-    runs = launch_train(tmp_path / "run", 1)
-    for run in runs:
-        assert run.returncode == 1
-        lines = [line for line in run.stderr.splitlines() if line.startswith("maxjax.train")]
-        assert len(lines) == 1 and "--no-checkpoint" in lines[0], run.stderr[-2000:]
-    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+def test_training_across_four_processes_checkpoints_and_evaluates(tmp_path, one_process_run):
+    """MA training as 4 processes logs, from process 0, the losses and gradient norms of the
+    same run in one process (relative 1e-4); every process writes its shards of each checkpoint;
+    a 4-process evaluate reports the validation loss of a one-process evaluate of that
+    checkpoint."""
+    from maxjax.checkpoint import saved_steps
+    from maxjax.evaluate import evaluate
+
+    cluster = tmp_path / "cluster"
+    runs = launch("maxjax.train", train_arguments(cluster, 2), tmp_path / "train")
+    assert "checkpoints in" in runs[0].stdout
+    assert saved_steps(cluster) == [1, 2]
+    written = sorted(p.name for p in (cluster / "2" / "shards").glob("process_*"))
+    assert written == [f"process_{i}" for i in range(PROCESSES)]
+    assert_same_losses(cluster, one_process_run)
+
+    report = tmp_path / "evaluate.json"
+    arguments = ["--checkpoint-dir", str(cluster), "--json", str(report)]
+    launch("maxjax.evaluate", arguments, tmp_path / "evaluate")
+    across = json.loads(report.read_text())
+    here = evaluate(cluster)
+    assert across["step"] == here["step"] == 2
+    assert_close(across["val_loss"], here["val_loss"], "4-process evaluate", rel=1e-5)
+
+
+@pytest.mark.slow
+def test_a_lost_process_stops_the_others_with_one_line_and_all_resume(tmp_path, one_process_run):
+    """SIGKILL one of the four training processes after the first checkpoint: the other three
+    exit within the peer timeout (10 s here) plus a margin, each with one line naming the lost
+    process; starting the four again resumes from the newest complete checkpoint and logs the
+    one-process run's losses for every step."""
+    from maxjax.checkpoint import saved_steps
+
+    cluster, lost, timeout_s = tmp_path / "cluster", 2, 10
+    procs = start(
+        "maxjax.train",
+        train_arguments(cluster, 2 * STEPS),
+        tmp_path / "killed",
+        MAXJAX_PEER_TIMEOUT_S=str(timeout_s),
+    )
+    deadline = time.monotonic() + TIMEOUT_S * 2
+    while not saved_steps(cluster) and time.monotonic() < deadline:
+        assert all(p.poll() is None for p in procs), "a process ended before the first checkpoint"
+        time.sleep(0.05)
+    procs[lost].send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    runs = finish(procs, tmp_path / "killed", timeout=timeout_s + 30)
+    took = time.monotonic() - killed_at
+    assert took <= timeout_s + 30
+    for i, run in enumerate(runs):
+        if i == lost:
+            continue
+        assert run.returncode == 1, f"process {i}: {run.returncode}\n{run.stderr[-3000:]}"
+        lines = [line for line in run.stderr.splitlines() if "error" in line.lower()]
+        assert len(lines) == 1 and lines[0].startswith("maxjax.train: error: process 2"), lines
+        assert "Traceback" not in run.stderr and "Check failure" not in run.stderr
+    resume_from = saved_steps(cluster)[-1]
+    assert resume_from < STEPS
+
+    runs = launch("maxjax.train", train_arguments(cluster, STEPS), tmp_path / "resumed")
+    assert f"resumed from the checkpoint of step {resume_from}" in runs[0].stdout
+    assert saved_steps(cluster)[-1] == STEPS
+    assert_same_losses(cluster, one_process_run, every_step=True)
+
+
+@pytest.mark.slow
+def test_tp_pp_across_four_processes_logs_the_one_process_losses(tmp_path, tiny_cfg):
+    """The TP=8+PP=2 baseline as 4 processes (each a pipeline stage's half of a tensor group)
+    trains and checkpoints with the losses and gradient norms of the same run in one process."""
+    from maxjax.checkpoint import saved_steps
+    from maxjax.train import train
+
+    cluster, steps = tmp_path / "cluster", 2
+    arguments = train_arguments(cluster, steps)
+    arguments[arguments.index("ma")] = "tp_pp"
+    launch("maxjax.train", arguments, tmp_path / "train")
+    assert saved_steps(cluster) == [1, 2]
+    reference = train(overridden(tiny_cfg), "tp_pp", steps, tmp_path / "one", progress=False)
+    assert_same_losses(cluster, reference, every_step=True)
