@@ -416,11 +416,15 @@ class CheckpointStore:
         return state, {**meta, "layout": dict(layout)}, config
 
     def set_aside(self, step: int) -> Path:
-        """Move the (damaged) checkpoint `step` to DIR/damaged/<step> so a new save can take its place."""
+        """Move the (damaged) checkpoint `step` to DIR/damaged/<step> so a new save can take its
+        place. Across processes process 0 moves it and the others wait for the move."""
         target = self.directory / "damaged" / str(step)
-        if target.exists():
-            shutil.rmtree(target)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(_step_paths(self.directory)[step]), str(target))
+        if jax.process_index() == 0:
+            if target.exists():
+                shutil.rmtree(target)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(_step_paths(self.directory)[step]), str(target))
+        if jax.process_count() > 1:
+            ocp.multihost.sync_global_processes(f"maxjax-set-aside-{step}")
         self._manager.reload()
         return target

@@ -11,13 +11,20 @@ as lost, and each survivor prints
 
 and exits with status 1. JAX's own heartbeat timeout is set to 4 x that + 10 s (JAX sends its
 heartbeats at intervals of a good part of its timeout, so a shorter one could fire first), so
-the watch speaks first. When the coordination service itself is gone (process 0 died), the store cannot be read
-and the line names process 0. Checkpoints are written into a temporary directory renamed only
-when complete, so starting all processes again resumes from the newest complete one.
+the watch speaks first. A process that ends normally marks its heartbeat "done" on the way out,
+so a peer that finishes later does not take it for lost.
+
+Process 0 hosts the coordination service. When it dies, JAX's client in every other process sees
+the connection drop and aborts the process within a second with its own fatal error, before the
+watch can speak; that case ends fast but not in one line. Checkpoints are written into a
+temporary directory renamed only when complete, so starting all processes again resumes from
+the newest complete one.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
 import sys
 import threading
@@ -29,6 +36,7 @@ import jax
 
 PEER_TIMEOUT_S = 30
 _KEY = "maxjax/heartbeat/"
+_DONE = "done"
 
 
 def peer_timeout_s() -> float:
@@ -82,17 +90,31 @@ class PeerWatch(threading.Thread):
         self.interval_s = interval_s
         self.process = jax.process_index()
         self.processes = jax.process_count()
+        self.finished = False
+        self._publishing = threading.Lock()
+        atexit.register(self.finish)
+
+    def finish(self) -> None:
+        """Mark this process's heartbeat done (it is ending normally) and stop watching."""
+        with self._publishing, contextlib.suppress(Exception):  # a service already gone
+            self.finished = True
+            _client().key_value_set(f"{_KEY}{self.process}", _DONE, allow_overwrite=True)
 
     def run(self) -> None:
         client = _client()
         beat = 0
         started = time.monotonic()
         seen: dict[int, tuple[str, float]] = {}
-        while True:
+        while not self.finished:
             try:
-                client.key_value_set(f"{_KEY}{self.process}", str(beat), allow_overwrite=True)
+                with self._publishing:
+                    if self.finished:
+                        return
+                    client.key_value_set(f"{_KEY}{self.process}", str(beat), allow_overwrite=True)
                 values = dict(client.key_value_dir_get(_KEY))
             except Exception as e:  # noqa: BLE001 - the service is gone: process 0 is lost
+                if self.finished:
+                    return
                 self.stop(f"the coordinator (process 0) stopped responding ({type(e).__name__})")
                 return
             beat += 1
@@ -102,7 +124,8 @@ class PeerWatch(threading.Thread):
                 if value is not None and seen.get(peer, (None,))[0] != value:
                     seen[peer] = (value, now)
                 last = seen.get(peer, (None, started))[1]
-                if peer != self.process and now - last > self.timeout_s:
+                lost = value != _DONE and now - last > self.timeout_s
+                if peer != self.process and lost and not self.finished:
                     self.stop(
                         f"process {peer} stopped responding (no heartbeat for "
                         f"{self.timeout_s:g} s)",
