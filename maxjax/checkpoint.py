@@ -9,9 +9,11 @@ A checkpoint directory holds one sub-directory per saved step (``DIR/<step>/``) 
   processes the item is ``shards`` instead (`maxjax.sharded_state`): orbax cannot write an array
   that lives on some processes only, as MA separation's pools do, so every process writes its
   own shards as files with an index, and any number of processes reads them back;
-- ``meta``: JSON with the step, which of the two items holds the state (``state_item``), the training data position (``TokenBatches.state()``), the RNG
-  seed, the strategy that wrote it and ``layout``, its runner's ``storage_layout()`` (what fixes
-  the stored leaves' shapes and order; checkpoints without it hold the single-device layout);
+- ``meta``: JSON with the step, which of the two items holds the state (``state_item``), the
+  zero-size leaves left out of orbax's item (``empty_leaves``: orbax refuses them), the training
+  data position (``TokenBatches.state()``), the RNG seed, the strategy that wrote it and
+  ``layout``, its runner's ``storage_layout()`` (what fixes the stored leaves' shapes and order;
+  checkpoints without it hold the single-device layout);
 - ``config``: the run's config as JSON (``Config.to_dict()``).
 
 Restoring with a ``target`` (a runner's layout and its parameters' shardings, `RestoreTarget`)
@@ -20,8 +22,8 @@ other restore (another strategy, or no target) reads the stored arrays onto one 
 converts them there to the single-device layout (`maxjax.parallel.canonical_from_storage`):
 changing strategy passes the whole tree through one device, as a single-device run needs anyway.
 
-Saves in one process are asynchronous. Orbax writes into a temporary directory and renames it to ``DIR/<step>``
-only when every item is complete, so a process killed at any moment leaves the previous
+Saves in one process are asynchronous. Orbax writes into a temporary directory and renames it to
+``DIR/<step>`` only when every item is complete, so a process killed at any moment leaves the previous
 checkpoints intact and at most a temporary directory that restoring ignores. The trainer saves
 only states that `all_finite` (one on-device reduction per device pool) accepts. Restoring
 verifies what it read: the shapes (in the single-device layout; a mismatch means another model:
@@ -45,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from maxjax.parallel.runner import from_paths, map_with_path, merge, select, tree_paths
 from maxjax.sharded_state import ShardFilesHandler, ShardFilesRestore, ShardFilesSave
 
 
@@ -200,55 +203,32 @@ def _keyed_like(tree: Any, like: Any) -> Any:
     return {k: _keyed_like(tree[k] if k in tree else tree[str(k)], v) for k, v in like.items()}
 
 
-def _empty_leaves(tree: Any, prefix: tuple[str, ...] = ()) -> list[list[Any]]:
+def _empty_leaves(tree: Any) -> list[list[Any]]:
     """[dotted name, shape, dtype] of every zero-size leaf (orbax refuses to write them; the
     pipeline baselines keep such placeholders for the layers a stage does not hold)."""
-    if isinstance(tree, dict):
-        return [e for k, v in tree.items() for e in _empty_leaves(v, (*prefix, str(k)))]
-    if hasattr(tree, "shape") and int(np.prod(tree.shape)) == 0:
-        return [[".".join(prefix), list(tree.shape), str(np.dtype(tree.dtype))]]
-    return []
+    return [
+        [".".join(path), list(leaf.shape), str(np.dtype(leaf.dtype))]
+        for path, leaf in tree_paths(tree)
+        if hasattr(leaf, "shape") and int(np.prod(leaf.shape)) == 0
+    ]
 
 
-def _without(tree: Any, names: set[str], prefix: tuple[str, ...] = ()) -> Any:
+def _without(tree: Any, names: set[str]) -> Any:
     """`tree` without the leaves named in `names` (and without the dicts left empty)."""
-    if not isinstance(tree, dict):
-        return tree
-    out = {}
-    for k, v in tree.items():
-        path = (*prefix, str(k))
-        if ".".join(path) in names:
-            continue
-        kept = _without(v, names, path)
-        if not (isinstance(kept, dict) and not kept and isinstance(v, dict) and v):
-            out[k] = kept
-    return out
+    return select(tree, lambda path: ".".join(path) not in names)
 
 
-def _with_empty(like: Any, restored: Any, names: set[str], prefix: tuple[str, ...] = ()) -> Any:
+def _with_empty(like: Any, restored: Any, names: set[str]) -> Any:
     """`restored` with the leaves named in `names` put back as zero-size arrays placed like
-    the corresponding leaves of `like` (ShapeDtypeStructs), in `like`'s structure."""
-    if not isinstance(like, dict):
-        if ".".join(prefix) not in names:
-            return restored
-        zeros = np.zeros(like.shape, like.dtype)
-        sharding = getattr(like, "sharding", None)
+    the corresponding leaves of `like` (ShapeDtypeStructs)."""
+
+    def empty(_: Any, leaf: Any) -> Any:
+        zeros = np.zeros(leaf.shape, leaf.dtype)
+        sharding = getattr(leaf, "sharding", None)
         return jax.device_put(zeros, sharding) if sharding is not None else zeros
-    return {
-        k: _with_empty(v, _child(restored, k), names, (*prefix, str(k))) for k, v in like.items()
-    }
 
-
-def _child(tree: Any, key: Any) -> Any:
-    if not isinstance(tree, dict):
-        return None
-    return tree[key] if key in tree else tree.get(str(key))
-
-
-def _insert(tree: dict, path: list[str], value: Any) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
+    placeholders = select(like, lambda path: ".".join(path) in names)
+    return merge(restored, map_with_path(empty, placeholders))
 
 
 def _shape_mismatches(saved: Any, expected: Any) -> list[str]:
@@ -378,9 +358,16 @@ class CheckpointStore:
         stored = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(tuple(x.shape), x.dtype), saved["params"]
         )
-        for name, (shape, dtype) in empty.items():
-            if name.startswith("params."):
-                _insert(stored, name.split(".")[1:], jax.ShapeDtypeStruct(shape, dtype))
+        stored = merge(
+            stored,
+            from_paths(
+                [
+                    (tuple(name.split(".")[1:]), jax.ShapeDtypeStruct(shape, dtype))
+                    for name, (shape, dtype) in empty.items()
+                    if name.startswith("params.")
+                ]
+            ),
+        )
         problems = _shape_mismatches(
             jax.eval_shape(lambda t: canonical_from_storage(layout, t), stored), expected_params
         )

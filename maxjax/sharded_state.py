@@ -30,29 +30,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from maxjax.parallel.runner import from_paths, map_with_path, tree_paths
+
 INDEX = "index.json"
-
-
-def _flat(tree: Any, prefix: tuple[str, ...] = ()) -> dict[str, Any]:
-    """{'params/layers/0/kernel': leaf} of a nested dict."""
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for key, value in tree.items():
-            out.update(_flat(value, (*prefix, str(key))))
-        return out
-    return {"/".join(prefix): tree}
-
-
-def _nested(flat: dict[str, Any]) -> dict[str, Any]:
-    """Inverse of `_flat` (keys as strings, as orbax lists them)."""
-    out: dict[str, Any] = {}
-    for name, leaf in flat.items():
-        node = out
-        *parents, last = name.split("/")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[last] = leaf
-    return out
 
 
 def _bounds(index: tuple[slice, ...], shape: tuple[int, ...]) -> list[list[int]]:
@@ -63,19 +43,16 @@ def _write(path: Path, block: np.ndarray) -> None:
     np.ascontiguousarray(block).tofile(path)
 
 
-def _process_directory(directory: Path, process: int) -> Path:
-    return Path(directory) / f"process_{process}"
-
-
 class ShardFilesHandler(ocp.CheckpointHandler):
     """Orbax handler of the per-process shard files (see the module docstring)."""
 
     def save(self, directory: Any, args: ShardFilesSave) -> None:
         process = jax.process_index()
-        out = _process_directory(directory, process)
+        out = Path(directory) / f"process_{process}"
         out.mkdir(parents=True, exist_ok=True)
         index: dict[str, Any] = {}
-        for number, (name, leaf) in enumerate(_flat(args.item).items()):
+        for number, (path, leaf) in enumerate(tree_paths(args.item)):
+            name = "/".join(path)
             entry = {
                 "shape": list(np.shape(leaf)),
                 "dtype": str(np.dtype(leaf.dtype)),
@@ -97,27 +74,25 @@ class ShardFilesHandler(ocp.CheckpointHandler):
     def restore(self, directory: Any, args: ShardFilesRestore) -> Any:
         stored = _merged_index(directory)
 
-        def visit(node: Any, prefix: tuple[str, ...]) -> Any:
-            if isinstance(node, dict):
-                return {k: visit(v, (*prefix, str(k))) for k, v in node.items()}
-            name = "/".join(prefix)
+        def read(path: tuple[str, ...], target: Any) -> Any:
+            name = "/".join(path)
             if name not in stored:
                 raise FileNotFoundError(f"{name} is not in the shard files of {directory}")
-            return _assemble(stored[name], node)
+            return _assemble(stored[name], target)
 
-        return visit(args.item, ())
+        return map_with_path(read, args.item)
 
     def metadata(self, directory: Any) -> dict[str, Any]:
         """The stored arrays as ShapeDtypeStructs, nested like the saved tree."""
-        return _nested(
-            {
-                name: jax.ShapeDtypeStruct(tuple(e["shape"]), np.dtype(e["dtype"]))
+        return from_paths(
+            [
+                (
+                    tuple(name.split("/")),
+                    jax.ShapeDtypeStruct(tuple(e["shape"]), _dtype(e["dtype"])),
+                )
                 for name, e in _merged_index(directory).items()
-            }
+            ]
         )
-
-    def close(self) -> None:
-        pass
 
 
 def _dtype(name: str) -> np.dtype:

@@ -195,10 +195,9 @@ def test_a_lost_process_stops_the_others_with_one_line_and_all_resume(tmp_path, 
         assert all(p.poll() is None for p in procs), "a process ended before the first checkpoint"
         time.sleep(0.05)
     procs[lost].send_signal(signal.SIGKILL)
-    killed_at = time.monotonic()
+    # A survivor still running timeout_s + 30 s after the kill is killed by `finish`, and its
+    # return code is then not 1.
     runs = finish(procs, tmp_path / "killed", timeout=timeout_s + 30)
-    took = time.monotonic() - killed_at
-    assert took <= timeout_s + 30
     for i, run in enumerate(runs):
         if i == lost:
             continue

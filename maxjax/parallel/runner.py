@@ -65,6 +65,17 @@ def tree_paths(tree: Tree) -> list[tuple[Path, Any]]:
     return out
 
 
+def from_paths(pairs: list[tuple[Path, Any]]) -> Tree:
+    """The nested dict (string keys) whose `tree_paths` are `pairs`."""
+    out: dict = {}
+    for path, leaf in pairs:
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = leaf
+    return out
+
+
 def map_with_path(fn: Callable[[Path, Any], Any], tree: Tree) -> Tree:
     """Apply fn(path, leaf) to every leaf of a nested dict, keeping its keys."""
 
