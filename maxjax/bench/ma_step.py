@@ -6,7 +6,7 @@
 On 16 emulated CPU devices (set up here before JAX starts), for the tiny config:
 
 - forward + backward step time (``value_and_grad``) of "single" and "ma": medians over
-  ``--repeats`` runs after ``--warmup`` runs, with min and max. Measured here, on this machine's
+  ``--repeats`` runs after ``--warmup`` runs, with min and max, the two taking turns. Measured here, on this machine's
   CPU cores: every emulated device shares them, so this shows total work plus dispatch overhead,
   not parallel speed-up;
 - bytes per layer each way between the pools, with and without 8-bit compression (from shapes),
@@ -67,21 +67,28 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _time_step(fn: Any, repeats: int, warmup: int) -> dict[str, float]:
+def _time_steps(steps: dict[str, Any], repeats: int, warmup: int) -> dict[str, dict[str, float]]:
+    """Median, min and max wall time of each step function. The functions take turns, one run
+    each per round, so a change in the machine's load during the measurement reaches all alike."""
     import jax
 
     for _ in range(warmup):
-        jax.block_until_ready(fn())
-    times = []
+        for fn in steps.values():
+            jax.block_until_ready(fn())
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
+        for name, fn in steps.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - start)
     return {
-        "median_s": statistics.median(times),
-        "min_s": min(times),
-        "max_s": max(times),
-        "repeats": repeats,
+        name: {
+            "median_s": statistics.median(values),
+            "min_s": min(values),
+            "max_s": max(values),
+            "repeats": repeats,
+        }
+        for name, values in times.items()
     }
 
 
@@ -105,14 +112,14 @@ def measure_steps(args: argparse.Namespace) -> dict[str, Any]:
     ma_params = ma.from_canonical(canonical)
     key = jax.random.key(1)
 
-    timings = {
-        "single": _time_step(
-            lambda: single.value_and_grad(single_params, tokens, key), args.repeats, args.warmup
-        ),
-        "ma": _time_step(
-            lambda: ma.value_and_grad(ma_params, tokens, key), args.repeats, args.warmup
-        ),
-    }
+    timings = _time_steps(
+        {
+            "single": lambda: single.value_and_grad(single_params, tokens, key),
+            "ma": lambda: ma.value_and_grad(ma_params, tokens, key),
+        },
+        args.repeats,
+        args.warmup,
+    )
     programs = ma.programs_dispatched
     copies = ma.transport.copies_dispatched
     other = "none" if ma.compress else "8-bit quantization"

@@ -591,11 +591,16 @@ class MARunner(Runner):
             for i in range(len(micro)):
                 d_h, d_gates, d_received = cotangents[i]
                 d_out = self._to_experts(d_received, split, "backward_to_experts")
-                kept = expert_kept[depth][i] if remat else (expert_kept[depth][i],)
+                kept = expert_kept[depth][i]
+                if not remat:
+                    kept = (kept, layers[keys[depth]]["moe"]["experts"])
                 program = programs.experts_recompute if remat else programs.experts_backward
                 experts_acc, d_inputs = self._run(program, *kept, d_out, experts_acc)
                 d_pieces = self._to_attention(d_inputs, split, "backward_to_attention")
-                kept = attention_kept[depth][i] if remat else (attention_kept[depth][i],)
+                kept = attention_kept[depth][i]
+                if not remat:
+                    layer = attention_part(layers[keys[depth]])
+                    kept = (kept, (params["embed"], layer) if depth == 0 else layer)
                 d_layer = (d_h, d_pieces, d_gates, aux_weight)
                 if depth > 0:
                     program = programs.middle_recompute if remat else programs.layer_backward
@@ -752,7 +757,8 @@ class MARunner(Runner):
                 name, kept = f"{stage}_recompute", args
             else:
                 out[f"{stage}_vjp"] = getattr(programs, f"{stage}_vjp").lower(*args).compile()
-                name, kept = backward_of[stage], (out[f"{stage}_vjp"].out_info[1],)
+                stage_params = args[0] if stage != "first" else args[:2]
+                name, kept = backward_of[stage], (out[f"{stage}_vjp"].out_info[1], stage_params)
             backward = getattr(programs, name)
             out[name] = backward.lower(*kept, *cotangents[stage], None).compile()
             if self.microbatches * self.accumulation > 1:
@@ -842,10 +848,16 @@ def _mean(values: list[jax.Array]) -> jax.Array:
 
 
 def device_bytes(tree: Any) -> int:
-    """Bytes the device arrays of `tree` hold, summed over every device that holds a copy."""
-    return sum(
-        shard.data.nbytes for leaf in jax.tree.leaves(tree) for shard in leaf.addressable_shards
-    )
+    """Bytes the device arrays of `tree` hold on this process's devices, summed over every device
+    that holds a copy. From shapes and shardings alone: walking `addressable_shards` costs the
+    driver more than dispatching the step's programs."""
+    return sum(_leaf_device_bytes(x.shape, x.dtype, x.sharding) for x in jax.tree.leaves(tree))
+
+
+@functools.lru_cache(maxsize=1024)
+def _leaf_device_bytes(shape: tuple, dtype: Any, sharding: jax.sharding.Sharding) -> int:
+    shard = math.prod(sharding.shard_shape(shape)) * np.dtype(dtype).itemsize
+    return shard * len(sharding.addressable_devices)
 
 
 def pool_bytes_per_stage(split: TokenSplit, batch: int, seq: int, width: int) -> int:

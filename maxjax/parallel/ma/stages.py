@@ -85,6 +85,43 @@ class LayerExtras(NamedTuple):
     cache: decode.KVCache | None
 
 
+@jax.tree_util.register_pytree_node_class
+class SavedVJP:
+    """A stage's VJP without the residuals that are its own parameters.
+
+    `jax.vjp` keeps the weights a stage multiplies by among its residuals; returned from the
+    forward program they would be copied out once per layer and micro-batch (for the expert
+    stage, all of the device's expert weights: the largest copy of a small-batch step). The
+    backward program is handed the parameters again and puts them back (`restore`). Which
+    residual is which parameter leaf is found by identity while tracing and kept as static
+    data, so it is part of the backward program's signature."""
+
+    def __init__(self, saved: list, treedef: Any, from_params: tuple[int | None, ...]):
+        self.saved, self.treedef, self.from_params = saved, treedef, from_params
+
+    @classmethod
+    def of(cls, vjp: Callable, params: Tree) -> SavedVJP:
+        position = {id(x): n for n, x in enumerate(jax.tree.leaves(params))}
+        leaves, treedef = jax.tree.flatten(vjp)
+        from_params = tuple(position.get(id(x)) for x in leaves)
+        saved = [x for x, n in zip(leaves, from_params, strict=True) if n is None]
+        return cls(saved, treedef, from_params)
+
+    def restore(self, params: Tree) -> Callable:
+        """The VJP, given the parameters the forward program was called with."""
+        param_leaves = jax.tree.leaves(params)
+        saved = iter(self.saved)
+        leaves = [next(saved) if n is None else param_leaves[n] for n in self.from_params]
+        return jax.tree.unflatten(self.treedef, leaves)
+
+    def tree_flatten(self) -> tuple[list, tuple]:
+        return self.saved, (self.treedef, self.from_params)
+
+    @classmethod
+    def tree_unflatten(cls, aux: tuple, saved: Any) -> SavedVJP:
+        return cls(list(saved), *aux)
+
+
 def attention_part(layer: Tree) -> Tree:
     """A layer's subtree without its expert weights."""
     return {k: ({"router": v["router"]} if k == "moe" else v) for k, v in layer.items()}
@@ -395,7 +432,8 @@ class StagePrograms:
             fn = lambda e, lp: self.first_stage(e, lp, tokens, head_mask)
             outputs, vjp, extras = jax.vjp(fn, embed, layer, has_aux=True)
             outputs = wire_out(outputs)
-            return (state_of(outputs, extras), outputs.pieces, extras.aux), vjp
+            saved = SavedVJP.of(vjp, (embed, layer))
+            return (state_of(outputs, extras), outputs.pieces, extras.aux), saved
 
         def middle_vjp(layer, state, wires, head_mask):
             ints = state._replace(h=None, gates=None)
@@ -408,13 +446,13 @@ class StagePrograms:
                 fn, layer, state.h, state.gates, received_in(wires), has_aux=True
             )
             outputs = wire_out(outputs)
-            return (state_of(outputs, extras), outputs.pieces, extras.aux), vjp
+            return (state_of(outputs, extras), outputs.pieces, extras.aux), SavedVJP.of(vjp, layer)
 
         def experts_vjp(params, wires, expert_ids, sequence_ids, rng, depth):
             key = None if rng is None else jax.random.fold_in(rng, depth)
             fn = lambda p, x: self.expert_stage(p, x, expert_ids, sequence_ids, key)
             out, vjp = jax.vjp(fn, params, received_in(wires))
-            return tuple(enc(x) for x in out), vjp
+            return tuple(enc(x) for x in out), SavedVJP.of(vjp, params)
 
         def head_step(head, state, wires, targets, loss_weight, acc):
             """Head forward and backward in one program (its cotangent is known: the loss
@@ -428,31 +466,32 @@ class StagePrograms:
             grads = vjp(loss_weight)
             return loss, _accumulate(acc, grads[0]), grads[1:]
 
-        def layer_backward(vjp, d_h, d_pieces, d_gates, aux_weight, acc):
+        def layer_backward(saved, layer, d_h, d_pieces, d_gates, aux_weight, acc):
             outputs = LayerOutputs(d_h, d_pieces, d_gates, aux_weight)
-            grads = vjp(outputs)
+            grads = saved.restore(layer)(outputs)
             return _accumulate(acc, grads[0]), grads[1:]
 
-        def first_backward(vjp, d_h, d_pieces, d_gates, aux_weight, acc):
+        def first_backward(saved, params, d_h, d_pieces, d_gates, aux_weight, acc):
+            vjp = saved.restore(params)
             return _accumulate(acc, vjp(LayerOutputs(d_h, d_pieces, d_gates, aux_weight)))
 
-        def experts_backward(vjp, d_out, acc):
-            d_params, d_in = vjp(d_out)
+        def experts_backward(saved, params, d_out, acc):
+            d_params, d_in = saved.restore(params)(d_out)
             return _accumulate(acc, d_params), d_in
 
         # With gradient checkpointing the forward sweep keeps only each stage's inputs; these
         # programs run the stage's forward again (its VJP) and apply it, in one program.
         def first_recompute(embed, layer, tokens, head_mask, d_h, d_pieces, d_gates, w, acc):
-            _, vjp = first_vjp(embed, layer, tokens, head_mask)
-            return first_backward(vjp, d_h, d_pieces, d_gates, w, acc)
+            _, saved = first_vjp(embed, layer, tokens, head_mask)
+            return first_backward(saved, (embed, layer), d_h, d_pieces, d_gates, w, acc)
 
         def middle_recompute(layer, state, wires, head_mask, d_h, d_pieces, d_gates, w, acc):
-            _, vjp = middle_vjp(layer, state, wires, head_mask)
-            return layer_backward(vjp, d_h, d_pieces, d_gates, w, acc)
+            _, saved = middle_vjp(layer, state, wires, head_mask)
+            return layer_backward(saved, layer, d_h, d_pieces, d_gates, w, acc)
 
         def experts_recompute(params, wires, expert_ids, sequence_ids, rng, depth, d_out, acc):
-            _, vjp = experts_vjp(params, wires, expert_ids, sequence_ids, rng, depth)
-            return experts_backward(vjp, d_out, acc)
+            _, saved = experts_vjp(params, wires, expert_ids, sequence_ids, rng, depth)
+            return experts_backward(saved, params, d_out, acc)
 
         # Decoding hands each layer's KV cache in and takes the updated one back: donated, so
         # the cache is held once, not twice, while a step runs.
@@ -467,9 +506,9 @@ class StagePrograms:
         self.middle_vjp = jax.jit(middle_vjp)
         self.experts_vjp = jax.jit(experts_vjp)
         self.head_step = jax.jit(head_step, donate_argnums=(5,))
-        self.layer_backward = jax.jit(layer_backward, donate_argnums=(5,))
-        self.first_backward = jax.jit(first_backward, donate_argnums=(5,))
-        self.experts_backward = jax.jit(experts_backward, donate_argnums=(2,))
+        self.layer_backward = jax.jit(layer_backward, donate_argnums=(6,))
+        self.first_backward = jax.jit(first_backward, donate_argnums=(6,))
+        self.experts_backward = jax.jit(experts_backward, donate_argnums=(3,))
         self.first_recompute = jax.jit(first_recompute, donate_argnums=(8,))
         self.middle_recompute = jax.jit(middle_recompute, donate_argnums=(8,))
         self.experts_recompute = jax.jit(experts_recompute, donate_argnums=(7,))

@@ -10,8 +10,8 @@ device as a shard of the expert program's input (and the same way back). `PieceT
 buffer, copies it with one batched `jax.device_put` to its destination device, and assembles the
 destination arrays from the copies with `jax.make_array_from_single_device_arrays` (no copy).
 
-Nothing here waits for the data: the copies are queued behind the programs that produce them, so
-the host goes on dispatching (the ping-pong of `maxjax.parallel.ma.schedule`).
+`PieceTransport` never waits for the data: the copies are queued behind the programs that produce
+them, so the host goes on dispatching (the ping-pong of `maxjax.parallel.ma.schedule`).
 
 Across processes `CollectivePieceTransport` moves the same blocks by collective permutes instead:
 one small *exchange program* over a mesh of both pools' devices, in which every block goes
@@ -19,12 +19,16 @@ from its source device to its destination device (`lax.ppermute`, NCCL on GPU, g
 Every process issues the same exchange programs in the same order, each with its own blocks.
 The moves are split into rounds in which no device sends or receives twice, one `ppermute` per
 round. The price: an exchange program runs on both pools at once, so it waits for both to
-reach it. (`jax.device_put` between single-device shardings of different processes did not
-complete on CPU with gloo.)
+reach it, and the host waits until the blocks an exchange sends are computed before it
+dispatches the exchange (see `CollectivePieceTransport._copy`): across processes a step does
+block the host there. (`jax.device_put` between single-device shardings of different processes
+did not complete on CPU with gloo.)
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from collections import defaultdict
 from typing import Any
 
@@ -57,12 +61,10 @@ class PieceTransport:
 
     # --- single-device views ---------------------------------------------------------------------
 
-    def _block(self, x: jax.Array, device: jax.Device) -> jax.Array | None:
-        """x's shard on `device` as an array of its own (None if not on this process)."""
-        for shard in x.addressable_shards:
-            if shard.device == device:
-                return shard.data
-        return None
+    @staticmethod
+    def _blocks(x: jax.Array) -> dict[jax.Device, jax.Array]:
+        """x's shards on this process's devices, each as an array of its own, by device."""
+        return {shard.device: shard.data for shard in x.addressable_shards}
 
     def _copy(self, moves: list[tuple[jax.Array | None, jax.Device, jax.Device, tuple, Any]]):
         """Copy blocks (block, source, destination, shape, dtype) device to device in one batch;
@@ -80,6 +82,7 @@ class PieceTransport:
         attention pool) -> expert-program inputs (one wire tree per sequence shard s, arrays
         [J, E/J, b/G, C, M] split over the expert pool). Returns (inputs, bytes crossed)."""
         leaves_by_j = [jax.tree.leaves(p) for p in pieces]
+        blocks_by_j = [[self._blocks(leaf) for leaf in leaves] for leaves in leaves_by_j]
         treedef = jax.tree.structure(pieces[0])
         moves, index = [], {}
         for j, s, a in split.pairs():
@@ -92,9 +95,9 @@ class PieceTransport:
                     *leaf.shape[3:],
                 )
                 index[(j, s, n)] = len(moves)
-                moves.append((self._block(leaf, src), src, dst, shape, leaf.dtype))
+                moves.append((blocks_by_j[j][n].get(src), src, dst, shape, leaf.dtype))
         copied = self._copy(moves)
-        crossed = sum(int(np.prod(m[3])) * np.dtype(m[4]).itemsize for m in moves)
+        crossed = sum(math.prod(m[3]) * np.dtype(m[4]).itemsize for m in moves)
         inputs = []
         for s in range(split.sequence_shards):
             leaves = []
@@ -117,31 +120,27 @@ class PieceTransport:
         attention pool (one wire tree per expert device, arrays [R, E/J, b, C, M], zero blocks
         on the replicas that do not receive them). Returns (pieces, bytes crossed)."""
         leaves_by_s = [jax.tree.leaves(o) for o in outputs]
+        blocks_by_s = [[self._blocks(leaf) for leaf in leaves] for leaves in leaves_by_s]
         treedef = jax.tree.structure(outputs[0])
         moves, index = [], {}
         for j, s, a in split.pairs():
             for n, leaf in enumerate(leaves_by_s[s]):
                 src, dst = self.expert_devices[j], self.attention_devices[a]
                 index[(j, s, n)] = len(moves)
-                moves.append((self._block(leaf, src), src, dst, (1, *leaf.shape[1:]), leaf.dtype))
+                block = blocks_by_s[s][n].get(src)
+                moves.append((block, src, dst, (1, *leaf.shape[1:]), leaf.dtype))
         copied = self._copy(moves)
-        crossed = sum(int(np.prod(m[3])) * np.dtype(m[4]).itemsize for m in moves)
+        crossed = sum(math.prod(m[3]) * np.dtype(m[4]).itemsize for m in moves)
         sharding = NamedSharding(attention_mesh, OUTGOING)
         pieces = []
         for j in range(split.expert_devices):
             leaves = []
             for n, leaf in enumerate(leaves_by_s[0]):
-                block_shape = (1, *leaf.shape[1:])
-                blocks = []
-                for s in range(split.sequence_shards):
-                    for r in range(split.replicas):
-                        device = self.attention_devices[split.attention_device(s, r)]
-                        if r == split.sender(j):
-                            blocks.append(copied[index[(j, s, n)]])
-                        elif device.process_index == jax.process_index():
-                            blocks.append(zeros_on(block_shape, leaf.dtype, device))
-                        else:
-                            blocks.append(None)
+                template = self._incoming_template(split, j, (1, *leaf.shape[1:]), leaf.dtype)
+                blocks = [
+                    copied[index[(j, block, n)]] if isinstance(block, int) else block
+                    for block in template
+                ]
                 global_shape = (
                     split.replicas,
                     leaf.shape[1],
@@ -151,6 +150,25 @@ class PieceTransport:
                 leaves.append(self._assemble(global_shape, sharding, blocks, leaf.dtype))
             pieces.append(jax.tree.unflatten(treedef, leaves))
         return tuple(pieces), crossed
+
+    @functools.cache  # noqa: B019 - one transport per runner, a few entries per split
+    def _incoming_template(
+        self, split: TokenSplit, j: int, block_shape: tuple, dtype: Any
+    ) -> tuple[int | jax.Array | None, ...]:
+        """The blocks of expert device j's incoming piece in mesh order: the sequence shard s
+        whose copy goes there (an int), a zero block (a replica that receives nothing), or
+        None (a device of another process)."""
+        template: list[int | jax.Array | None] = []
+        for s in range(split.sequence_shards):
+            for r in range(split.replicas):
+                device = self.attention_devices[split.attention_device(s, r)]
+                if r == split.sender(j):
+                    template.append(s)
+                elif device.process_index == jax.process_index():
+                    template.append(zeros_on(block_shape, dtype, device))
+                else:
+                    template.append(None)
+        return tuple(template)
 
     @staticmethod
     def _assemble(
@@ -211,6 +229,14 @@ class CollectivePieceTransport(PieceTransport):
         return self._exchanges[perms]
 
     def _copy(self, moves: list[tuple[jax.Array | None, jax.Device, jax.Device, tuple, Any]]):
+        """The exchange programs for `moves`, dispatched once the blocks they send are computed.
+
+        That wait is the one place a step blocks the host. Without it, the devices that only
+        add zero blocks start an exchange at once and wait inside its collective, each holding
+        one of the CPU client's worker threads, which the programs still computing the sent
+        blocks then lack: on 16 emulated devices that deadlocked (XLA aborts after 40 s) about
+        one step in three once the host dispatched fast enough to get that far ahead."""
+        jax.block_until_ready([m[0] for m in moves if m[0] is not None])
         self.copies_dispatched += len(moves)
         me = jax.process_index()
         out: list[jax.Array | None] = [None] * len(moves)
@@ -235,8 +261,9 @@ class CollectivePieceTransport(PieceTransport):
             received = self._exchange(perms)(*arrays)
             self.exchanges_dispatched += 1
             for rnd, array in zip(rounds, received, strict=True):
+                blocks = self._blocks(array)
                 for k in rnd:
                     dst = moves[members[k]][2]
                     if dst.process_index == me:
-                        out[members[k]] = self._block(array, dst)
+                        out[members[k]] = blocks[dst]
         return out
