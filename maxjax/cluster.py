@@ -15,8 +15,10 @@ the watch speaks first. A process that ends normally marks its heartbeat "done" 
 so a peer that finishes later does not take it for lost.
 
 Process 0 hosts the coordination service. When it dies, JAX's client in every other process sees
-the connection drop and aborts the process within a second with its own fatal error, before the
-watch can speak; that case ends fast but not in one line. Checkpoints are written into a
+the connection drop and aborts the process from C++ within a second, before the watch can speak.
+So a cluster process's standard error runs through `maxjax.stderr_relay`, which replaces that
+abort's report by the same kind of line, naming process 0 (MAXJAX_DEBUG=1: no relay, the report
+as JAX writes it). Checkpoints are written into a
 temporary directory renamed only when complete, so starting all processes again resumes from
 the newest complete one.
 """
@@ -26,6 +28,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -35,6 +38,7 @@ from typing import Any
 import jax
 
 PEER_TIMEOUT_S = 30
+_WATCH: PeerWatch | None = None
 _KEY = "maxjax/heartbeat/"
 _DONE = "done"
 
@@ -62,10 +66,52 @@ def init_distributed() -> bool:
         arguments = {}
     else:
         return False
+    if os.environ.get("MAXJAX_DEBUG") != "1" and "process_id" in arguments:
+        relay_stderr(arguments["process_id"], arguments["num_processes"])
     timeout = peer_timeout_s()
     jax.distributed.initialize(**arguments, heartbeat_timeout_seconds=int(4 * timeout) + 10)
-    PeerWatch(timeout).start()
+    global _WATCH
+    _WATCH = PeerWatch(timeout)
+    _WATCH.start()
     return True
+
+
+def wait_for_lost_peer() -> None:
+    """Called when a computation failed in a cluster run (gloo: "Connection closed by peer"
+    when a peer died mid-collective): give the watch the time to name the lost process, which
+    ends this process with its line. Returns at once outside a cluster, or when the watch has
+    named nobody after the peer timeout (the failure was something else)."""
+    if _WATCH is None or not _WATCH.is_alive():
+        return
+    deadline = time.monotonic() + _WATCH.timeout_s + 5 * _WATCH.interval_s
+    while time.monotonic() < deadline and _WATCH.is_alive():
+        time.sleep(0.1)
+
+
+def relay_stderr(process: int, processes: int) -> subprocess.Popen:
+    """Send this process's standard error (file descriptor 2, so JAX's C++ logs too) through a
+    `maxjax.stderr_relay` process writing to the original one. At a normal exit the original is
+    put back and the relay drained before the process ends."""
+    from maxjax import stderr_relay
+
+    original = os.dup(2)
+    relay = subprocess.Popen(
+        [sys.executable, stderr_relay.__file__, program_name(), str(process), str(processes)],
+        stdin=subprocess.PIPE,
+        stdout=original,
+    )
+    sys.stderr.flush()
+    os.dup2(relay.stdin.fileno(), 2)
+    relay.stdin.close()
+
+    def drain() -> None:
+        sys.stderr.flush()
+        os.dup2(original, 2)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            relay.wait(timeout=5)
+
+    atexit.register(drain)
+    return relay
 
 
 def program_name() -> str:
@@ -165,3 +211,69 @@ class PeerWatch(threading.Thread):
             elif time.monotonic() - changed >= quiet_s:
                 return
             time.sleep(self.interval_s / 4)
+
+
+def check(config: str) -> dict[str, Any]:
+    """Join the cluster the environment describes exactly as `maxjax.train` does (the config's
+    devices per process, gloo on CPU) and run one collective over every device of every
+    process. What this process saw."""
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.experimental import multihost_utils
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from maxjax.config import load_config
+    from maxjax.evaluate import setup_jax
+
+    setup_jax(load_config(config))
+    devices = jax.devices()
+    mesh = Mesh(np.array(devices), ("all",))
+    local = np.array([[d.id] for d in jax.local_devices()], np.int32)
+    ids = multihost_utils.host_local_array_to_global_array(local, mesh, P("all"))
+    total = jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))(ids)
+    seen = {
+        "process": jax.process_index(),
+        "processes": jax.process_count(),
+        "local_devices": [d.id for d in jax.local_devices()],
+        "devices": len(devices),
+        "collective_ok": int(total.addressable_data(0)) == sum(d.id for d in devices),
+    }
+    return seen
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m maxjax.cluster",
+        description="Check a cluster launch before a long job: join it as maxjax.train would, "
+        "run one collective over every device, print what this process sees.",
+    )
+    parser.add_argument("--config", default="configs/paper.yaml")
+    parser.add_argument("--hold", type=float, default=0.0, help="stay joined this many seconds")
+    args = parser.parse_args(argv)
+    if not any(
+        k in os.environ
+        for k in ("MAXJAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+    ):
+        print(
+            f"{program_name()}: error: no cluster in the environment: set "
+            "MAXJAX_COORDINATOR_ADDRESS, MAXJAX_NUM_PROCESSES and MAXJAX_PROCESS_ID, or start "
+            "it under SLURM or Open MPI (tutorials/cluster.md)",
+            file=sys.stderr,
+        )
+        return 2
+    seen = check(args.config)
+    print(
+        f"process {seen['process']} of {seen['processes']}: local devices "
+        f"{seen['local_devices']} of {seen['devices']}; collective over all devices: "
+        f"{'ok' if seen['collective_ok'] else 'WRONG RESULT'}",
+        flush=True,
+    )
+    time.sleep(args.hold)
+    return 0 if seen["collective_ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

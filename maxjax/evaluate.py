@@ -30,7 +30,7 @@ from maxjax.checkpoint import (
     read_json_item,
     restore_target,
 )
-from maxjax.cluster import init_distributed
+from maxjax.cluster import init_distributed, wait_for_lost_peer
 from maxjax.config import Config, ConfigError, config_from_dict
 from maxjax.data import DataError, validation_batches
 from maxjax.optim import make_optimizer
@@ -219,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"maxjax.evaluate: error: {one_line(e)}", file=sys.stderr)
         return 1
+    except jax.errors.JaxRuntimeError:
+        wait_for_lost_peer()
+        raise
     print(
         f"step {result['step']}: validation loss {result['val_loss']:.4f}, "
         f"perplexity {result['perplexity']:.2f} ({result['batches']} batches, "

@@ -45,6 +45,7 @@ from maxjax.checkpoint import (
     all_finite,
     restore_target,
 )
+from maxjax.cluster import wait_for_lost_peer
 from maxjax.config import Config, load_config
 from maxjax.data import TokenBatches, validation_batches
 from maxjax.evaluate import (
@@ -436,6 +437,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"maxjax.train: error: {one_line(e)}", file=sys.stderr)
         return 1
+    except jax.errors.JaxRuntimeError:
+        wait_for_lost_peer()
+        raise
     if jax.process_index() == 0:
         losses = (
             f"loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}, "

@@ -1,9 +1,9 @@
 """MA separation across 4 processes x 4 CPU devices (the seed's 4 nodes x 4 GPUs).
 
-Launches `python -m maxjax.train` and `python -m maxjax.evaluate` four times each, as
-tutorials/cluster.md does, and compares what they log with the same run in this process on 16
-emulated devices: losses, checkpoints, resume, evaluation, and the end of a run that loses a
-process.
+Launches `python -m maxjax.train`, `python -m maxjax.evaluate` and `python -m maxjax.cluster`
+four times each, as tutorials/cluster.md does, and compares what they log with the same run in
+this process on 16 emulated devices: losses, checkpoints, resume, evaluation, and the end of a
+run that loses a process (process 2, or process 0, which hosts the coordination service).
 """
 
 import json
@@ -150,38 +150,15 @@ def assert_same_losses(directory: Path, reference: dict, every_step: bool = Fals
 
 
 @pytest.mark.slow
-def test_training_across_four_processes_checkpoints_and_evaluates(tmp_path, one_process_run):
-    """MA training as 4 processes logs, from process 0, the losses and gradient norms of the
-    same run in one process (relative 1e-4); every process writes its shards of each checkpoint;
-    a 4-process evaluate reports the validation loss of a one-process evaluate of that
-    checkpoint."""
+def test_four_processes_train_lose_one_resume_and_evaluate(tmp_path, one_process_run):
+    """MA training as 4 processes, SIGKILL of process 2 after the first checkpoint: the other
+    three exit within the peer timeout (10 s here) plus a margin, each with one line naming the
+    lost process. Starting the four again resumes from the newest complete checkpoint; process
+    0 logs the one-process run's losses and gradient norms for every step (relative 1e-4), and
+    every process writes its shards of each checkpoint. A 4-process evaluate of the last
+    checkpoint reports the validation loss of a one-process evaluate of it."""
     from maxjax.checkpoint import saved_steps
     from maxjax.evaluate import evaluate
-
-    cluster = tmp_path / "cluster"
-    runs = launch("maxjax.train", train_arguments(cluster, 2), tmp_path / "train")
-    assert "checkpoints in" in runs[0].stdout
-    assert saved_steps(cluster) == [1, 2]
-    written = sorted(p.name for p in (cluster / "2" / "shards").glob("process_*"))
-    assert written == [f"process_{i}" for i in range(PROCESSES)]
-    assert_same_losses(cluster, one_process_run)
-
-    report = tmp_path / "evaluate.json"
-    arguments = ["--checkpoint-dir", str(cluster), "--json", str(report)]
-    launch("maxjax.evaluate", arguments, tmp_path / "evaluate")
-    across = json.loads(report.read_text())
-    here = evaluate(cluster)
-    assert across["step"] == here["step"] == 2
-    assert_close(across["val_loss"], here["val_loss"], "4-process evaluate", rel=1e-5)
-
-
-@pytest.mark.slow
-def test_a_lost_process_stops_the_others_with_one_line_and_all_resume(tmp_path, one_process_run):
-    """SIGKILL one of the four training processes after the first checkpoint: the other three
-    exit within the peer timeout (10 s here) plus a margin, each with one line naming the lost
-    process; starting the four again resumes from the newest complete checkpoint and logs the
-    one-process run's losses for every step."""
-    from maxjax.checkpoint import saved_steps
 
     cluster, lost, timeout_s = tmp_path / "cluster", 2, 10
     procs = start(
@@ -210,8 +187,58 @@ def test_a_lost_process_stops_the_others_with_one_line_and_all_resume(tmp_path, 
 
     runs = launch("maxjax.train", train_arguments(cluster, STEPS), tmp_path / "resumed")
     assert f"resumed from the checkpoint of step {resume_from}" in runs[0].stdout
+    assert "checkpoints in" in runs[0].stdout
     assert saved_steps(cluster)[-1] == STEPS
+    written = sorted(p.name for p in (cluster / str(STEPS) / "shards").glob("process_*"))
+    assert written == [f"process_{i}" for i in range(PROCESSES)]
     assert_same_losses(cluster, one_process_run, every_step=True)
+
+    report = tmp_path / "evaluate.json"
+    arguments = ["--checkpoint-dir", str(cluster), "--json", str(report)]
+    launch("maxjax.evaluate", arguments, tmp_path / "evaluate")
+    across = json.loads(report.read_text())
+    here = evaluate(cluster)
+    assert across["step"] == here["step"] == STEPS
+    assert_close(across["val_loss"], here["val_loss"], "4-process evaluate", rel=1e-5)
+
+
+def wait_for(condition, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_losing_process_0_stops_the_others_with_one_line(tmp_path):
+    """Process 0 hosts JAX's coordination service, and its loss makes JAX abort the others from
+    C++: `python -m maxjax.cluster` (the launch check, joined as `maxjax.train` joins) as four
+    processes, process 0 SIGKILLed once all have passed their collective; each other process
+    ends within seconds with one line naming process 0 (the standard-error relay's), nothing
+    of JAX's report."""
+    logs = tmp_path / "check"
+    procs = start("maxjax.cluster", ["--config", "configs/tiny.yaml", "--hold", "600"], logs)
+    outs = [logs / f"{i}.out" for i in range(PROCESSES)]
+    wait_for(
+        lambda: (
+            all("collective over all devices: ok" in out.read_text() for out in outs)
+            or any(p.poll() is not None for p in procs)
+        ),
+        TIMEOUT_S,
+        "the four processes' checks",
+    )
+    assert all(p.poll() is None for p in procs), [p.returncode for p in procs]
+    procs[0].send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    runs = finish(procs, logs, timeout=30)
+    assert time.monotonic() - killed < 30
+    for i in range(1, PROCESSES):
+        assert runs[i].returncode != 0
+        err = logs / f"{i}.err"
+        # The relay writes its line as its process dies: allow it a moment after the exit.
+        wait_for(lambda err=err: "error:" in err.read_text(), 10, f"process {i}'s line")
+        lines = [line for line in err.read_text().splitlines() if line.strip()]
+        assert len(lines) == 1, lines
+        assert lines[0].startswith("maxjax.cluster: error: process 0 stopped responding"), lines
 
 
 @pytest.mark.slow
