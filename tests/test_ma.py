@@ -470,3 +470,37 @@ def test_collective_transport_equals_single_and_stays_on_devices(
     plain.value_and_grad(plain_params, tokens)
     assert dict(runner.bytes_moved) == dict(plain.bytes_moved)
     assert runner.transport.exchanges_dispatched > 0
+
+
+def test_saved_vjp_leaves_out_the_parameters_and_restores_the_same_gradients():
+    """A stage's forward program returns its VJP without the weights it multiplies by (they
+    would be copied out once per layer and micro-batch); given the parameters again, the VJP
+    gives the plain VJP's gradients."""
+    from maxjax.parallel.ma.stages import SavedVJP
+
+    def stage(params, x):
+        return jnp.tanh(x @ params["wi"]) @ params["wo"]
+
+    params = {
+        "wi": jax.random.normal(jax.random.key(0), (8, 32)),
+        "wo": jax.random.normal(jax.random.key(1), (32, 8)),
+    }
+    x = jax.random.normal(jax.random.key(2), (4, 8))
+    d_out = jax.random.normal(jax.random.key(3), (4, 8))
+
+    @jax.jit
+    def forward(params, x):
+        out, vjp = jax.vjp(stage, params, x)
+        return out, SavedVJP.of(vjp, params)
+
+    @jax.jit
+    def backward(saved, params, d_out):
+        return saved.restore(params)(d_out)
+
+    _, saved = forward(params, x)
+    weight_shapes = {w.shape for w in params.values()}
+    assert all(leaf.shape not in weight_shapes for leaf in jax.tree.leaves(saved))
+    want = jax.vjp(stage, params, x)[1](d_out)
+    got = backward(saved, params, d_out)
+    for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6, atol=1e-6)
