@@ -18,9 +18,8 @@ Process 0 hosts the coordination service. When it dies, JAX's client in every ot
 the connection drop and aborts the process from C++ within a second, before the watch can speak.
 So a cluster process's standard error runs through `maxjax.stderr_relay`, which replaces that
 abort's report by the same kind of line, naming process 0 (MAXJAX_DEBUG=1: no relay, the report
-as JAX writes it). Checkpoints are written into a
-temporary directory renamed only when complete, so starting all processes again resumes from
-the newest complete one.
+as JAX writes it). Checkpoints are written into a temporary directory renamed only when
+complete, so starting all processes again resumes from the newest complete one.
 """
 
 from __future__ import annotations
@@ -37,6 +36,8 @@ from typing import Any
 
 import jax
 
+from maxjax import stderr_relay
+
 PEER_TIMEOUT_S = 30
 _WATCH: PeerWatch | None = None
 _KEY = "maxjax/heartbeat/"
@@ -47,29 +48,34 @@ def peer_timeout_s() -> float:
     return float(os.environ.get("MAXJAX_PEER_TIMEOUT_S", PEER_TIMEOUT_S))
 
 
-def init_distributed() -> bool:
-    """Join a multi-process JAX cluster if the environment describes one; True if it did.
-
-    Explicit: MAXJAX_COORDINATOR_ADDRESS (host:port of process 0), MAXJAX_NUM_PROCESSES,
-    MAXJAX_PROCESS_ID. Otherwise, under SLURM or Open MPI with more than one task, JAX's own
-    auto-detection (`jax.distributed.initialize()` with no arguments). A `PeerWatch` starts
-    once the cluster is joined.
-    """
+def cluster_arguments() -> dict[str, Any] | None:
+    """`jax.distributed.initialize`'s arguments for the cluster the environment describes, None
+    if it describes none: MAXJAX_COORDINATOR_ADDRESS (host:port of process 0),
+    MAXJAX_NUM_PROCESSES and MAXJAX_PROCESS_ID, or SLURM or Open MPI with more than one task
+    (no arguments: JAX's own auto-detection)."""
     env = os.environ
     if "MAXJAX_COORDINATOR_ADDRESS" in env:
-        arguments: dict[str, Any] = {
+        return {
             "coordinator_address": env["MAXJAX_COORDINATOR_ADDRESS"],
             "num_processes": int(env["MAXJAX_NUM_PROCESSES"]),
             "process_id": int(env["MAXJAX_PROCESS_ID"]),
         }
-    elif int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
-        arguments = {}
-    else:
+    if int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+        return {}
+    return None
+
+
+def init_distributed() -> bool:
+    """Join a multi-process JAX cluster if the environment describes one (`cluster_arguments`);
+    True if it did. Once joined, standard error goes through the relay (`relay_stderr`) and a
+    `PeerWatch` starts."""
+    arguments = cluster_arguments()
+    if arguments is None:
         return False
-    if os.environ.get("MAXJAX_DEBUG") != "1" and "process_id" in arguments:
-        relay_stderr(arguments["process_id"], arguments["num_processes"])
     timeout = peer_timeout_s()
     jax.distributed.initialize(**arguments, heartbeat_timeout_seconds=int(4 * timeout) + 10)
+    if os.environ.get("MAXJAX_DEBUG") != "1":
+        relay_stderr(jax.process_index(), jax.process_count())
     global _WATCH
     _WATCH = PeerWatch(timeout)
     _WATCH.start()
@@ -92,8 +98,6 @@ def relay_stderr(process: int, processes: int) -> subprocess.Popen:
     """Send this process's standard error (file descriptor 2, so JAX's C++ logs too) through a
     `maxjax.stderr_relay` process writing to the original one. At a normal exit the original is
     put back and the relay drained before the process ends."""
-    from maxjax import stderr_relay
-
     original = os.dup(2)
     relay = subprocess.Popen(
         [sys.executable, stderr_relay.__file__, program_name(), str(process), str(processes)],
@@ -184,12 +188,9 @@ class PeerWatch(threading.Thread):
         """Print the line and exit. With `waiting` (process 0, which hosts the coordination
         service) first wait until the other survivors have stopped too: the service ending
         would otherwise make JAX abort them before they print their own line."""
-        print(
-            f"{program_name()}: error: {why}; process {self.process} stops too. Start all "
-            f"{self.processes} processes again to resume from the newest complete checkpoint.",
-            file=sys.stderr,
-            flush=True,
-        )
+        line = stderr_relay.summary(program_name(), why, self.process, self.processes)
+        sys.stderr.write(line.decode())
+        sys.stderr.flush()
         if waiting:
             self._wait_until_peers_stop()
         os._exit(1)
@@ -232,14 +233,13 @@ def check(config: str) -> dict[str, Any]:
     local = np.array([[d.id] for d in jax.local_devices()], np.int32)
     ids = multihost_utils.host_local_array_to_global_array(local, mesh, P("all"))
     total = jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))(ids)
-    seen = {
+    return {
         "process": jax.process_index(),
         "processes": jax.process_count(),
         "local_devices": [d.id for d in jax.local_devices()],
         "devices": len(devices),
         "collective_ok": int(total.addressable_data(0)) == sum(d.id for d in devices),
     }
-    return seen
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -253,10 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="configs/paper.yaml")
     parser.add_argument("--hold", type=float, default=0.0, help="stay joined this many seconds")
     args = parser.parse_args(argv)
-    if not any(
-        k in os.environ
-        for k in ("MAXJAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
-    ):
+    if cluster_arguments() is None:
         print(
             f"{program_name()}: error: no cluster in the environment: set "
             "MAXJAX_COORDINATOR_ADDRESS, MAXJAX_NUM_PROCESSES and MAXJAX_PROCESS_ID, or start "

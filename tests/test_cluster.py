@@ -24,16 +24,13 @@ Thread 0x00007f036c403b80 (most recent call first):
 """
 
 
-def relayed(text: bytes, gaps: float = 0.0, end: bool = True) -> list[str]:
-    """The lines a relay for process 1 of 4 writes for `text`, one line every `gaps` seconds."""
+def relayed(text: bytes) -> list[str]:
+    """The lines a relay for process 1 of 4 writes for `text`, fed at once, then closed."""
     sink = io.BytesIO()
     relay = Relay(sink, "maxjax.train", 1, 4)
-    now = 0.0
     for line in text.splitlines(keepends=True):
-        relay.feed(line, now)
-        now += gaps
-    if end:
-        relay.release(now, everything=not relay.fatal)
+        relay.feed(line, 0.0)
+    relay.release(0.0, everything=not relay.fatal)
     return sink.getvalue().decode().splitlines()
 
 

@@ -230,9 +230,11 @@ def test_losing_process_0_stops_the_others_with_one_line(tmp_path):
     procs[0].send_signal(signal.SIGKILL)
     killed = time.monotonic()
     runs = finish(procs, logs, timeout=30)
-    assert time.monotonic() - killed < 30
+    # JAX aborts them within a second of the kill (0.25 s measured on 2 cores); a process still
+    # running after 30 s is killed by `finish`, with another return code.
+    assert time.monotonic() - killed < 15
     for i in range(1, PROCESSES):
-        assert runs[i].returncode != 0
+        assert runs[i].returncode == -signal.SIGABRT, runs[i].returncode
         err = logs / f"{i}.err"
         # The relay writes its line as its process dies: allow it a moment after the exit.
         wait_for(lambda err=err: "error:" in err.read_text(), 10, f"process {i}'s line")

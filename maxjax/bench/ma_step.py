@@ -6,9 +6,9 @@
 On 16 emulated CPU devices (set up here before JAX starts), for the tiny config:
 
 - forward + backward step time (``value_and_grad``) of "single" and "ma": medians over
-  ``--repeats`` runs after ``--warmup`` runs, with min and max, the two taking turns. Measured here, on this machine's
-  CPU cores: every emulated device shares them, so this shows total work plus dispatch overhead,
-  not parallel speed-up;
+  ``--repeats`` runs after ``--warmup`` runs, with min and max, the two taking turns. Measured
+  here, on this machine's CPU cores: every emulated device shares them, so this shows total work
+  plus dispatch overhead, not parallel speed-up;
 - bytes per layer each way between the pools, with and without 8-bit compression (from shapes),
   and the bytes the attention pool's collectives move inside it;
 - programs and device-to-device copies dispatched per step;
