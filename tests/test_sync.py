@@ -40,6 +40,58 @@ def test_predictor_fits_a_cost_law_it_has_not_seen_exactly():
     assert np.median(rel) < 0.1, rel
 
 
+def test_linear_model_recovers_a_linear_law_and_never_predicts_a_negative_time():
+    rng = np.random.default_rng(1)
+    # Features of very different magnitudes: tokens (up to 1e5), micro-batch size, heads.
+    features = np.stack(
+        [rng.uniform(1e2, 1e5, 40), rng.integers(1, 16, 40), rng.integers(1, 4, 40)], axis=1
+    )
+    weights, bias = np.array([[3e-6, 1e-6], [2e-3, 0.0], [5e-3, 1e-2]]), np.array([0.01, 0.02])
+    times = features @ weights + bias
+    model = sync.fit_linear(features, times)
+    np.testing.assert_allclose(model.weights, weights, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(model.bias, bias, rtol=1e-9)
+    np.testing.assert_allclose(sync.predict_linear(model, features), times, rtol=1e-9)
+    below = sync.LinearTimeModel(np.array([[-1.0]]), np.array([0.5]))
+    assert sync.predict_linear(below, np.array([[2.0]]))[0, 0] == 0.0
+
+
+def test_mape():
+    assert sync.mape([1.1, 1.8], [1.0, 2.0]) == pytest.approx((0.1 + 0.1) / 2)
+    assert sync.mape([[3.0]], [[3.0]]) == 0.0
+
+
+@pytest.mark.parametrize("law", ["linear", "quadratic in the sequence length"])
+def test_held_out_scores_decide_by_the_better_model(law):
+    """Fitted on a grid, scored on points off it: on a linear law the linear model is exact and
+    decides; on the attention cost law (quadratic in the sequence length) the MLP, which fits in
+    log space, is far closer and decides."""
+    rng = np.random.default_rng(0)
+    grid = np.array(
+        list(itertools.product([256, 1024, 4096, 16384], [1, 2, 4, 8, 16], [128, 512, 2048])),
+        dtype=np.float64,
+    )
+    held_out = np.stack(
+        [rng.uniform(300, 16000, 30), rng.integers(1, 16, 30), rng.uniform(128, 2048, 30)], axis=1
+    )
+
+    def cost(f: np.ndarray) -> np.ndarray:
+        if law == "linear":
+            return (2e-6 * f[:, 0] + 1e-3 * f[:, 1] + 1e-5 * f[:, 2] + 0.05)[:, None]
+        return synthetic_stage_times(f)[:, :1]
+
+    predictor = sync.init_predictor(jax.random.key(0), num_features=3)
+    predictor, _ = sync.fit(predictor, jnp.asarray(grid), jnp.asarray(cost(grid)), steps=800)
+    linear = sync.fit_linear(grid, cost(grid))
+    scores = sync.held_out_scores(predictor, linear, held_out, cost(held_out))
+    if law == "linear":
+        assert scores["linear_mape"] < 1e-9 < scores["predictor_mape"]
+        assert scores["decided_by"] == "linear"
+    else:
+        assert scores["predictor_mape"] < 0.1 < 0.3 < scores["linear_mape"], scores
+        assert scores["decided_by"] == "predictor"
+
+
 def test_imbalance():
     assert sync.imbalance([1.0, 1.0, 1.0]) == 0.0
     assert sync.imbalance([1.0, 0.9]) == pytest.approx(0.1)

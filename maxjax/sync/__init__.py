@@ -1,6 +1,7 @@
 """Keeping the attention and expert pools in balance (seed section 4.3, "synchronization").
 
-`predictor`: a 3-layer MLP from stage features to stage times, refit on measured times.
+`predictor`: a 3-layer MLP from stage features to stage times, refit on measured times, and the
+linear least-squares model it is scored against on held-out measurements.
 `balancer`: measures imbalance and proposes a new expert placement and micro-batch count when it
 exceeds `load_balancing_threshold`. Both are pure functions of arrays.
 """
@@ -14,18 +15,33 @@ from maxjax.sync.balancer import (
     plan,
     rebalance_experts,
 )
-from maxjax.sync.predictor import Predictor, fit, init_predictor, predict
+from maxjax.sync.predictor import (
+    LinearTimeModel,
+    Predictor,
+    fit,
+    fit_linear,
+    held_out_scores,
+    init_predictor,
+    mape,
+    predict,
+    predict_linear,
+)
 
 __all__ = [
+    "LinearTimeModel",
     "Predictor",
     "SyncPlan",
     "choose_microbatches",
     "device_loads",
     "fit",
+    "fit_linear",
+    "held_out_scores",
     "imbalance",
     "init_predictor",
+    "mape",
     "pingpong_layer_time",
     "plan",
     "predict",
+    "predict_linear",
     "rebalance_experts",
 ]

@@ -1,8 +1,11 @@
-"""The time predictor: a 3-layer MLP from stage features to stage times, as pure functions.
+"""Stage-time models, as pure functions: the seed's 3-layer MLP and a linear model beside it.
 
 Features describe one step of a stage (tokens each expert device receives, micro-batch size,
-sequence length, heads per attention device, ...); targets are measured stage times. Both are
-log-scaled and standardised, so the small network fits times that span orders of magnitude.
+sequence length, heads per attention device, ...); targets are measured stage times. For the MLP
+both are log-scaled and standardised, so the small network fits times that span orders of
+magnitude. The linear model is the least-squares cost model that MegaScale-Infer and FasterMoE
+use (time = features . weights + bias); a decision uses the MLP only where, scored on
+measurements neither model was fitted on, it does at least as well (`held_out_scores`).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 
@@ -99,3 +103,47 @@ def fit(
 
 
 fit = jax.jit(fit, static_argnames=("steps",))
+
+
+class LinearTimeModel(NamedTuple):
+    """time = features @ weights + bias, per output; fitted by least squares in float64."""
+
+    weights: np.ndarray  # [F, outputs]
+    bias: np.ndarray  # [outputs]
+
+
+def fit_linear(features: np.ndarray, times: np.ndarray) -> LinearTimeModel:
+    """Least-squares fit of times [N, outputs] on features [N, F]. Columns are scaled to unit
+    range first, so features of very different magnitudes (tokens, heads) do not lose precision."""
+    x = np.asarray(features, np.float64)
+    t = np.asarray(times, np.float64)
+    scale = np.maximum(np.abs(x).max(0), 1e-12)
+    design = np.concatenate([x / scale, np.ones((x.shape[0], 1))], axis=1)
+    solution, *_ = np.linalg.lstsq(design, t, rcond=None)
+    return LinearTimeModel(solution[:-1] / scale[:, None], solution[-1])
+
+
+def predict_linear(model: LinearTimeModel, features: np.ndarray) -> np.ndarray:
+    """Predicted times [N, outputs] for features [N, F]; a time is never negative."""
+    return np.maximum(np.asarray(features, np.float64) @ model.weights + model.bias, 0.0)
+
+
+def mape(predicted: np.ndarray, measured: np.ndarray) -> float:
+    """Mean absolute percentage error of predicted against measured times (a fraction)."""
+    measured = np.asarray(measured, np.float64)
+    return float(np.mean(np.abs(np.asarray(predicted, np.float64) - measured) / measured))
+
+
+def held_out_scores(
+    predictor: Predictor, linear: LinearTimeModel, features: np.ndarray, times: np.ndarray
+) -> dict[str, float | str]:
+    """Both models scored on measurements they were not fitted on: `predictor_mape`,
+    `linear_mape`, and `decided_by`, the model a decision uses (the MLP where it does at least
+    as well as the linear model)."""
+    mlp = mape(np.asarray(predict(predictor, jnp.asarray(features, jnp.float32))), times)
+    lin = mape(predict_linear(linear, features), times)
+    return {
+        "predictor_mape": mlp,
+        "linear_mape": lin,
+        "decided_by": "predictor" if mlp <= lin else "linear",
+    }
