@@ -1,12 +1,7 @@
 """Give every test 16 emulated CPU devices (the seed's 4 nodes x 4 GPUs) before JAX starts, and
 one persistent compilation cache shared by the tests, the command lines they start and the
 notebook kernels (the environment is inherited), so a program compiled once is not compiled again
-by the next file or process that builds the same one.
-
-The tests' programs are compiled without LLVM's optimisations (`--xla_backend_optimization_level=0`):
-compilation is most of the suite's time, the tests compare numbers and never time anything, and
-the programs are tiny. The notebooks set their own XLA_FLAGS and keep the default, since they
-print measured speeds."""
+by the next file or process that builds the same one."""
 
 import os
 
@@ -16,8 +11,7 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(COMPILE_CACHE))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "")
-    + " --xla_force_host_platform_device_count=16 --xla_backend_optimization_level=0"
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=16"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
