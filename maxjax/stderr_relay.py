@@ -12,6 +12,12 @@ as the service goes away, the fatal line and everything the dying process writes
 replaced by one line naming the lost process, in the form `PeerWatch` uses (see `Relay`). A
 relay ignores SIGINT and SIGTERM, so what its process writes while being stopped still comes
 through, and ends when the process's standard error closes.
+
+The gloo CPU collectives can end a survivor the same way when any other process dies: a
+survivor whose collective failed moves on, and its next collective's data reaches a process
+still waiting in the old one, whose gloo thread then throws and C++ terminates the process.
+That report (`terminate called after throwing an instance of 'gloo::...'`, gloo's message and
+the abort dump) becomes one line too, with gloo's message in it.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ import time
 from typing import BinaryIO
 
 FATAL = b"Terminating process because the JAX distributed service detected fatal errors"
+# gloo (the CPU collectives) throwing on one of its own threads: C++ terminates the process.
+GLOO_ABORT = b"terminate called after throwing an instance of 'gloo::"
 # An absl log line (JAX's C++ logging): severity, date, time, thread, file:line].
 _LOG_LINE = re.compile(rb"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ [^ \]]+:\d+\]")
 _TASK = re.compile(rb"/task:(\d+)")
@@ -40,6 +48,15 @@ def lost_process(fatal: bytes) -> str:
     if task is not None:
         return f"process {int(task.group(1))} stopped responding (reported by the coordination service)"
     return "a process of the cluster was lost (reported by the coordination service)"
+
+
+def gloo_aborted(detail: bytes) -> str:
+    """Why, when gloo ended the process: a peer lost mid-collective does this (a survivor that
+    moved on sends its next collective's data where another survivor waits for the lost one's).
+    gloo's own message says which check failed."""
+    why = "gloo aborted this process in a collective, as it does when a peer process is lost"
+    shown = detail.decode(errors="replace")
+    return f"{why} ({shown})" if shown else why
 
 
 def summary(program: str, why: str, process: int, processes: int) -> bytes:
@@ -65,18 +82,24 @@ class Relay:
         self.held: list[tuple[float, bytes]] = []
         self.said = False
         self.fatal = False
+        self.gloo_abort = False
 
     def feed(self, line: bytes, now: float) -> None:
+        if self.gloo_abort:
+            self.gloo_abort = False
+            detail = line.split(b"what():", 1)[1].strip() if b"what():" in line else b""
+            self.say(gloo_aborted(detail))
+            return
         if self.fatal:
+            return
+        if GLOO_ABORT in line:
+            self.fatal = self.gloo_abort = True
+            self.held.clear()
             return
         if FATAL in line:
             self.fatal = True
             self.held.clear()
-            if not self.said:
-                self.sink.write(
-                    summary(self.program, lost_process(line), self.process, self.processes)
-                )
-            self.sink.flush()
+            self.say(lost_process(line))
             return
         self.release(now)
         if self.held or _LOG_LINE.match(line):
@@ -85,6 +108,21 @@ class Relay:
         self.said = self.said or line.startswith(f"{self.program}: error:".encode())
         self.sink.write(line)
         self.sink.flush()
+
+    def say(self, why: str) -> None:
+        """The one line (nothing if the process already wrote its own)."""
+        if not self.said:
+            self.sink.write(summary(self.program, why, self.process, self.processes))
+            self.said = True
+        self.sink.flush()
+
+    def close(self) -> None:
+        """The stream ended: write what is still held, or the line of an abort whose detail
+        never came."""
+        if self.gloo_abort:
+            self.gloo_abort = False
+            self.say(gloo_aborted(b""))
+        self.release(0.0, everything=not self.fatal)
 
     def release(self, now: float, everything: bool = False) -> None:
         """Write the held lines whose hold has ended (all, with `everything`), in order."""
@@ -114,7 +152,7 @@ def run(source_fd: int, relay: Relay) -> None:
             relay.feed(line + b"\n", time.monotonic())
     if pending:
         relay.feed(pending, time.monotonic())
-    relay.release(time.monotonic(), everything=not relay.fatal)
+    relay.close()
 
 
 def main(argv: list[str]) -> None:

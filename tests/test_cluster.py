@@ -24,13 +24,23 @@ Thread 0x00007f036c403b80 (most recent call first):
 """
 
 
+# What a survivor of a lost process wrote when gloo ended it (a CI run of the 4-process test):
+# a survivor that moved on sent its next collective's 8 bytes where this one waited for 4.
+GLOO_DYING = b"""terminate called after throwing an instance of 'gloo::EnforceNotMet'
+  what():  [enforce fail at external/gloo/gloo/transport/tcp/pair.cc:459] op.preamble.length <= op.nbytes. 8 vs 4. Received data size doesn't match expected size. Is there a distributed collective mismatch in your code?
+Fatal Python error: Aborted
+
+Thread 0x00007f036c403b80 (most recent call first):
+"""
+
+
 def relayed(text: bytes) -> list[str]:
     """The lines a relay for process 1 of 4 writes for `text`, fed at once, then closed."""
     sink = io.BytesIO()
     relay = Relay(sink, "maxjax.train", 1, 4)
     for line in text.splitlines(keepends=True):
         relay.feed(line, 0.0)
-    relay.release(0.0, everything=not relay.fatal)
+    relay.close()
     return sink.getvalue().decode().splitlines()
 
 
@@ -59,6 +69,19 @@ def test_log_lines_without_a_fatal_one_pass_unchanged_in_order():
 def test_a_process_that_said_why_gets_no_second_line():
     own = b"maxjax.train: error: process 2 stopped responding (no heartbeat for 10 s); ...\n"
     assert relayed(own + DYING) == [own.decode().rstrip("\n")]
+
+
+def test_gloo_ending_the_process_becomes_one_line_with_its_message():
+    lines = relayed(b"step 3 of 8\n" + GLOO_DYING)
+    assert len(lines) == 2 and lines[0] == "step 3 of 8", lines
+    assert lines[1].startswith("maxjax.train: error: gloo aborted this process in a collective")
+    assert "Received data size doesn't match expected size" in lines[1]
+    assert "process 1 stops too" in lines[1]
+    # The stream ends before gloo's message: the line still comes, without it.
+    cut = relayed(GLOO_DYING.splitlines(keepends=True)[0])
+    assert len(cut) == 1 and cut[0].startswith("maxjax.train: error: gloo aborted"), cut
+    own = b"maxjax.train: error: process 2 stopped responding (no heartbeat for 10 s); ...\n"
+    assert relayed(own + GLOO_DYING) == [own.decode().rstrip("\n")]
 
 
 def test_the_lost_process_comes_from_the_fatal_line():
