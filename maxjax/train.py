@@ -348,6 +348,8 @@ def train(
                         producer=step,
                     )
                 )
+            if state.step % cfg.training.log_interval:
+                record.pop("expert_fraction_by_layer", None)  # [L, E]: every log_interval steps
             record["learning_rate"] = float(lr_at(step))
             record["tokens_per_second"] = cfg.sequence.total_tokens_per_batch / seconds
             record["seconds"] = seconds

@@ -141,7 +141,7 @@ print(
     {
         k: (round(v, 4) if isinstance(v, float) else v)
         for k, v in steps[-1].items()
-        if k != "expert_fraction"
+        if not k.startswith("expert_fraction")
     },
 )
 print("validation records:", [(r["step"], round(r["val_perplexity"], 1)) for r in vals])

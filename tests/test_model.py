@@ -74,8 +74,18 @@ def test_forward_shapes_and_aux(tiny_cfg):
     logits, aux = model.apply(tiny_cfg, params, tokens)
     assert logits.shape == (2, 16, tiny_cfg.training.vocab_size)
     assert logits.dtype == jnp.float32
-    assert aux.expert_fraction.shape == (tiny_cfg.moe.experts_per_layer,)
-    np.testing.assert_allclose(float(jnp.sum(aux.expert_fraction)), 1.0, rtol=1e-5)
+    layers, experts = tiny_cfg.model.layers, tiny_cfg.moe.experts_per_layer
+    assert aux.expert_fraction.shape == (layers, experts)  # one row per layer
+    np.testing.assert_allclose(jnp.sum(aux.expert_fraction, axis=1), np.ones(layers), rtol=1e-5)
+
+
+def test_layers_combine_into_mean_losses_and_per_layer_expert_shares():
+    first = model.RoutingAux(jnp.float32(1.0), jnp.float32(0.5), jnp.array([0.75, 0.25]), 0.0)
+    second = model.RoutingAux(jnp.float32(3.0), jnp.float32(1.5), jnp.array([0.5, 0.5]), 0.5)
+    combined = ops.combine_layers([first, second])
+    assert float(combined.load_balancing_loss) == 2.0 and float(combined.router_z_loss) == 1.0
+    assert float(combined.dropped_fraction) == 0.25
+    np.testing.assert_array_equal(combined.expert_fraction, [[0.75, 0.25], [0.5, 0.5]])
 
 
 def test_module_call_equals_pure_apply(tiny_cfg):

@@ -8,6 +8,7 @@ import shutil
 import signal
 import time
 
+import numpy as np
 import pytest
 from _train_helpers import (
     STEPS,
@@ -47,6 +48,13 @@ def test_short_run_lowers_validation_loss_and_logs_every_step(reference):
         assert key in steps[-1], key
     assert len(steps[-1]["expert_fraction"]) == 16
     assert math.isclose(sum(steps[-1]["expert_fraction"]), 1.0, rel_tol=1e-5)
+    # Each layer's shares every log_interval (10) steps: 4 rows of 16, their mean the above.
+    assert [r["step"] for r in steps if "expert_fraction_by_layer" in r] == [10]
+    (logged,) = [r for r in steps if r["step"] == 10]
+    by_layer = np.asarray(logged["expert_fraction_by_layer"])
+    assert by_layer.shape == (4, 16)
+    np.testing.assert_allclose(by_layer.sum(axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(by_layer.mean(axis=0), logged["expert_fraction"], rtol=1e-5)
     assert steps[0]["learning_rate"] == 0.0 and steps[2]["learning_rate"] > 0  # warmup of 2
     val = [r for r in rows if "val_loss" in r]
     assert [r["step"] for r in val] == [4, 8, 12]

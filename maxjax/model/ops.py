@@ -412,11 +412,12 @@ def expert_ffn_filled_slots(
 
 
 class RoutingAux(NamedTuple):
-    """Auxiliary losses and load statistics of one MoE layer, averaged over sequences."""
+    """Auxiliary losses and load statistics of one MoE layer, averaged over sequences; of the
+    whole model after `combine_layers` (expert_fraction then [L, E], one row per layer)."""
 
     load_balancing_loss: jax.Array
     router_z_loss: jax.Array
-    expert_fraction: jax.Array  # [E]
+    expert_fraction: jax.Array  # [E]; [L, E] once combined over layers
     dropped_fraction: jax.Array
 
 
@@ -439,9 +440,17 @@ def routing_aux(r: Routing) -> RoutingAux:
     )
 
 
-def mean_over_layers(per_layer: list[RoutingAux]) -> RoutingAux:
-    """Average the auxiliary terms of all MoE layers (the coefficients apply to this mean)."""
-    return jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs), axis=0), *per_layer)
+def mean_of(terms: list[RoutingAux]) -> RoutingAux:
+    """The element-wise mean of auxiliary terms (of one layer's micro-batches, say)."""
+    return jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs), axis=0), *terms)
+
+
+def combine_layers(per_layer: list[RoutingAux]) -> RoutingAux:
+    """The model's auxiliary terms from its layers' (in layer order): the losses and the dropped
+    fraction averaged over layers (the coefficients apply to this mean), the expert fractions
+    kept per layer, [L, E]: the utilisation a load balancer acts on."""
+    mean = mean_of(per_layer)
+    return mean._replace(expert_fraction=jnp.stack([a.expert_fraction for a in per_layer]))
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:

@@ -282,7 +282,7 @@ class MoETransformer(nnx.Module):
             per_layer.append(aux)
         x = self.final_norm(x)
         logits = ops.matmul("bsm,mv->bsv", x, self.lm_head.kernel[...], compute_dtype(self.cfg))
-        return logits, ops.mean_over_layers(per_layer)
+        return logits, ops.combine_layers(per_layer)
 
 
 Params = dict[str, Any]
@@ -331,7 +331,9 @@ def apply(
 def loss_from_parts(
     cfg: Config, lm_loss: jax.Array, aux: ops.RoutingAux
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Total loss and the training metrics from the LM loss and the layer-averaged aux terms.
+    """Total loss and the training metrics from the LM loss and the aux terms combined over
+    layers (`ops.combine_layers`): `expert_fraction` [E] is the mean over layers,
+    `expert_fraction_by_layer` [L, E] each layer's.
 
     Every strategy reports its metrics through this, whatever way it reduced the parts.
     """
@@ -341,7 +343,8 @@ def loss_from_parts(
         "lm_loss": lm_loss,
         "load_balancing_loss": aux.load_balancing_loss,
         "z_loss": aux.router_z_loss,
-        "expert_fraction": aux.expert_fraction,
+        "expert_fraction": jnp.mean(aux.expert_fraction, axis=0),
+        "expert_fraction_by_layer": aux.expert_fraction,
         "dropped_fraction": aux.dropped_fraction,
     }
     return loss, metrics

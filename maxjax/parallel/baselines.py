@@ -243,7 +243,8 @@ def hidden_states(
     plan: Plan, params: Params, tokens: jax.Array, rng: jax.Array | None
 ) -> tuple[jax.Array, ops.RoutingAux]:
     """Final hidden states [B, S, M] of the local batch and the routing aux summed over sequences
-    and this stage's layers (summing over micro-batches; the bubble masked)."""
+    and this stage's layers (summing over micro-batches; the bubble masked); the expert
+    fractions summed per layer, [L, E] with this stage's rows filled."""
     batch, seq = tokens.shape
     count = plan.microbatches
     size = batch // count
@@ -258,16 +259,20 @@ def hidden_states(
     if plan.cfg.training.gradient_checkpointing:
         run_layer = jax.checkpoint(run_layer)
 
+    num_layers, num_experts = plan.cfg.model.layers, plan.cfg.moe.experts_per_layer
+
     def stage_fn(x, aux_sum, micro, valid):
         sequence_ids = first_sequence + micro * size + jnp.arange(size)
         for i, layer in enumerate(layers):
             x, r = run_layer(layer, x, layer_key(plan, rng, i), sequence_ids)
-            aux = jax.tree.map(lambda a: jnp.where(valid, a * size, 0.0), ops.routing_aux(r))
+            aux = ops.routing_aux(r)
+            row = jax.nn.one_hot(lax.axis_index(STAGE) * plan.layers_per_stage + i, num_layers)
+            aux = aux._replace(expert_fraction=row[:, None] * aux.expert_fraction[None, :])
+            aux = jax.tree.map(lambda a: jnp.where(valid, a * size, 0.0), aux)
             aux_sum = jax.tree.map(jnp.add, aux_sum, aux)
         return x, aux_sum
 
-    num_experts = plan.cfg.moe.experts_per_layer
-    zero = ops.RoutingAux(0.0, 0.0, jnp.zeros((num_experts,), jnp.float32), 0.0)
+    zero = ops.RoutingAux(0.0, 0.0, jnp.zeros((num_layers, num_experts), jnp.float32), 0.0)
     zero = jax.tree.map(jnp.float32, zero)
     hidden, aux_sum = gpipe(plan, stage_fn, x.reshape(count, size, seq, -1), zero)
     return hidden.reshape(batch, seq, -1), aux_sum
@@ -288,9 +293,9 @@ def loss_body(
     global_tokens = targets.size * plan.degrees.data
     lm = lax.psum(vocab.cross_entropy_sum(logits, targets, plan.vocab, VOCAB), DATA) / global_tokens
     sequences = inputs.shape[0] * plan.degrees.data
-    aux = jax.tree.map(
-        lambda a: lax.psum(a, (DATA, STAGE)) / (sequences * plan.cfg.model.layers), aux_sum
-    )
+    per_sequence = jax.tree.map(lambda a: lax.psum(a, (DATA, STAGE)) / sequences, aux_sum)
+    # The scalars were summed over layers too; the expert fractions are per layer already.
+    aux = jax.tree.map(lambda a: a / plan.cfg.model.layers if a.ndim == 0 else a, per_sequence)
     return model.loss_from_parts(plan.cfg, lm, aux)
 
 

@@ -484,7 +484,8 @@ class MARunner(Runner):
             ("aux_weight", len(micro)),
             lambda: jax.device_put(np.float32(1.0 / (len(micro) * self.num_layers)), on_pool),
         )
-        grads, lm_losses, aux_terms = None, [], []
+        grads, lm_losses = None, []
+        aux_by_layer: list[list] = [[] for _ in params["layers"]]
         for first in range(0, len(micro), self.microbatches):
             grads = self._round(
                 params,
@@ -495,12 +496,12 @@ class MARunner(Runner):
                 (loss_weight, aux_weight),
                 grads,
                 lm_losses,
-                aux_terms,
+                aux_by_layer,
             )
         layers = len(params["layers"])
         # Forward: every layer's stages plus the head; backward: the transposed collectives.
         self._count_pool(split, size, seq - 1, 2 * len(micro) * (layers + 1))
-        metrics = self._run(self._summarize, lm_losses, aux_terms)
+        metrics = self._run(self._summarize, lm_losses, aux_by_layer)
         return metrics, grads
 
     def _round(
@@ -513,11 +514,11 @@ class MARunner(Runner):
         weights: tuple[jax.Array, jax.Array],
         grads: Params | None,
         lm_losses: list,
-        aux_terms: list,
+        aux_by_layer: list[list],
     ) -> Params:
         """One round of `value_and_grad`: micro-batches `first`, `first + 1`, ... (`micro`)
         forward and backward, their gradients added into `grads` (None: the first round).
-        Appends the round's LM losses and auxiliary terms."""
+        Appends the round's LM losses, and each layer's auxiliary terms to its list."""
         size = micro[0].shape[0]
         programs = self.programs(split)
         head_mask = self._head_mask(split)
@@ -547,7 +548,7 @@ class MARunner(Runner):
                     program = programs.first_vjp if depth == 0 else programs.middle_vjp
                     (state, pieces, aux), attention_kept[depth][i] = self._run(program, *args)
                     self.saved_bytes += device_bytes(attention_kept[depth][i])
-                aux_terms.append(aux)
+                aux_by_layer[depth].append(aux)
                 inputs = self._to_experts(pieces, split, "attention_to_experts")
                 args = (
                     layer["moe"]["experts"],

@@ -519,9 +519,10 @@ def _accumulate(acc: Tree | None, grads: Tree) -> Tree:
 
 
 def summarize(
-    cfg: Config, lm_losses: list[jax.Array], aux_terms: list[ops.RoutingAux]
+    cfg: Config, lm_losses: list[jax.Array], aux_by_layer: list[list[ops.RoutingAux]]
 ) -> dict[str, jax.Array]:
-    """The metrics of `model.loss_terms` from per-micro-batch LM losses and per-stage aux."""
-    aux = ops.mean_over_layers(aux_terms)
+    """The metrics of `model.loss_terms` from per-micro-batch LM losses and each layer's aux
+    terms (one per micro-batch)."""
+    aux = ops.combine_layers([ops.mean_of(terms) for terms in aux_by_layer])
     lm = jnp.mean(jnp.stack(lm_losses))
     return model.loss_from_parts(cfg, lm, aux)[1]
