@@ -165,7 +165,9 @@ class MoEPool:
 @_frozen
 class Synchronization:
     time_prediction_model: str = _key("the stage-time predictor, descriptive (seed)")
-    sync_interval: int = _key("steps between refits of the time predictor (seed)")
+    sync_interval: int = _key(
+        "steps between sync points: a measured step and refits of the time models; 0: off (seed)"
+    )
     load_balancing_threshold: float = _key(
         "predicted imbalance above which the balancer proposes a new plan; in [0, 1) (seed)"
     )
@@ -426,10 +428,6 @@ def validate(cfg: Config) -> None:
         ("schedule.total_steps", cfg.schedule.total_steps),
         ("ma_separation.microbatches", cfg.ma_separation.microbatches),
         ("ma_separation.gradient_accumulation", cfg.ma_separation.gradient_accumulation),
-        (
-            "ma_separation.synchronization.sync_interval",
-            cfg.ma_separation.synchronization.sync_interval,
-        ),
         ("checkpoint.interval_steps", cfg.checkpoint.interval_steps),
         ("checkpoint.max_to_keep", cfg.checkpoint.max_to_keep),
         ("baselines.tensor_parallel", cfg.baselines.tensor_parallel),
@@ -440,6 +438,12 @@ def validate(cfg: Config) -> None:
         ("training.validation_batches", cfg.training.validation_batches),
     ]:
         _check(value > 0, key, f"must be positive, got {value}")
+    sync_interval = cfg.ma_separation.synchronization.sync_interval
+    _check(
+        sync_interval >= 0,
+        "ma_separation.synchronization.sync_interval",
+        f"must be non-negative (0 turns the sync loop off), got {sync_interval}",
+    )
     _check(seq.length >= 2, "sequence.length", "must be at least 2 (next-token prediction)")
     _check(
         m.hidden_dim % m.attention_heads == 0,

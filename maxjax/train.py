@@ -12,6 +12,8 @@ and gradients through the runner, clipping to optimizer.gradient_clipping, AdamW
 cosine). Every step appends one JSON line to DIR/metrics.jsonl; every
 training.validation_interval steps (and at the end) the validation loss and perplexity too.
 Every checkpoint.interval_steps (and at the end) a checkpoint is written in the background.
+With "ma", every ma_separation.synchronization.sync_interval steps that step is measured and a
+sync record follows its line (`maxjax.sync.loop`).
 
 Running the same command again continues from the newest complete checkpoint with the same data
 order and dropout keys, so its losses equal those of a run that never stopped; metrics.jsonl
@@ -27,6 +29,7 @@ host (see tutorials/cluster.md).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -62,6 +65,7 @@ from maxjax.evaluate import (
 from maxjax.optim import learning_rate_schedule, make_optimizer
 from maxjax.parallel import Runner, TrainState, check_strategy, make_runner
 from maxjax.parallel.mesh import fetch
+from maxjax.sync.loop import SyncLoop
 
 DEFAULT_CONFIG = "configs/tiny.yaml"
 DEFAULT_STRATEGY = "ma"
@@ -209,6 +213,16 @@ def _host_metrics(metrics: dict[str, jax.Array]) -> dict[str, Any]:
     return out
 
 
+def sync_loop(cfg: Config, strategy: str, runner: Runner) -> SyncLoop | None:
+    """The run's sync loop (`maxjax.sync.loop`): for "ma" with a sync interval, in one process."""
+    if strategy != "ma" or cfg.ma_separation.synchronization.sync_interval == 0:
+        return None
+    if jax.process_count() > 1:
+        _note("sync loop off: measuring stage times needs every device in one process")
+        return None
+    return SyncLoop(cfg, runner)
+
+
 def step_key(seed: int, step: int) -> jax.Array:
     """Dropout key of the step that starts at `step`: the same on every resume and strategy."""
     return jax.random.fold_in(jax.random.key(seed), step)
@@ -319,6 +333,7 @@ def train(
         }
         store.save(state.step, runner.export_train_state(state), meta, cfg.to_dict())
 
+    sync = sync_loop(cfg, strategy, runner)
     history: list[dict[str, Any]] = []
     val_loss = None
     bar = tqdm(
@@ -332,9 +347,11 @@ def train(
     try:
         while state.step < steps:
             step = state.step
-            state, record, seconds = training_step(
-                runner, state, next(train_data), tx, cfg.training.seed
-            )
+            measured = sync is not None and sync.due(step + 1)
+            with sync.measuring() if measured else contextlib.nullcontext():
+                state, record, seconds = training_step(
+                    runner, state, next(train_data), tx, cfg.training.seed
+                )
             bad = [k for k in ("loss", "grad_norm") if not math.isfinite(record.get(k, 0.0))]
             if bad:
                 values = ", ".join(f"{k} {record[k]}" for k in bad)
@@ -348,6 +365,9 @@ def train(
                         producer=step,
                     )
                 )
+            synced = (
+                sync.observe(state.step, record["expert_fraction_by_layer"]) if measured else None
+            )
             if state.step % cfg.training.log_interval:
                 record.pop("expert_fraction_by_layer", None)  # [L, E]: every log_interval steps
             record["learning_rate"] = float(lr_at(step))
@@ -355,6 +375,9 @@ def train(
             record["seconds"] = seconds
             log.write(record)
             history.append(record)
+            if synced is not None:
+                log.write(synced)
+                history.append(synced)
             bar.update(1)
             bar.set_postfix(
                 loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_second']:.0f}"

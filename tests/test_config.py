@@ -240,6 +240,9 @@ def test_bases_chain_and_errors_name_the_file(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match=r"--set: config key 'model.layers': must be positive"):
         load_config(child, ["model.layers=0"])
+    assert load_config(child, ["ma_separation.synchronization.sync_interval=0"])  # loop off
+    with pytest.raises(ConfigError, match=r"sync_interval': must be non-negative"):
+        load_config(child, ["ma_separation.synchronization.sync_interval=-1"])
     _write(tmp_path / "a.yaml", "base: b.yaml\n")
     _write(tmp_path / "b.yaml", "base: a.yaml\n")
     with pytest.raises(ConfigError, match=r"b.yaml: config key 'base': the bases form a cycle"):

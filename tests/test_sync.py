@@ -130,3 +130,36 @@ def test_choose_microbatches_prefers_overlap_until_overhead_dominates():
     assert t == pytest.approx(4 * sync.pingpong_layer_time(*stage_times(4), 4))
     assert sync.pingpong_layer_time(1.0, 1.0, 1) == 2.0
     assert sync.pingpong_layer_time(1.0, 1.0, 4) == pytest.approx(1.25)
+
+
+def test_rows_of_weight_zero_change_no_fit():
+    """Padding the samples with rows of weight 0 (to compile the fit once) fits the same model."""
+    rng = np.random.default_rng(3)
+    features = rng.uniform(1, 100, (24, 3)).astype(np.float32)
+    times = (1e-3 * features[:, :1] + 0.01).astype(np.float32)
+    start = sync.init_predictor(jax.random.key(0), 3)
+    plain, _ = sync.fit(start, jnp.asarray(features), jnp.asarray(times), steps=200)
+    padded_features = np.concatenate([features, rng.uniform(1, 100, (8, 3)).astype(np.float32)])
+    padded_times = np.concatenate([times, np.full((8, 1), 5.0, np.float32)])
+    weights = np.concatenate([np.ones(24), np.zeros(8)]).astype(np.float32)
+    padded, _ = sync.fit(
+        start, jnp.asarray(padded_features), jnp.asarray(padded_times), 200, weights=weights
+    )
+    probe = jnp.asarray(features)
+    np.testing.assert_allclose(sync.predict(padded, probe), sync.predict(plain, probe), rtol=1e-4)
+
+
+def test_features_far_outside_the_fit_give_bounded_times():
+    """A feature constant in the fit, or one 100x beyond its range, is clipped to 3 standard
+    deviations: the prediction stays within a few times the fitted times, as a linear model's
+    extrapolation would, instead of the exponential of an extrapolated network output."""
+    rng = np.random.default_rng(5)
+    tokens = rng.uniform(50, 70, (32, 1))
+    features = np.concatenate([tokens, np.full((32, 1), 8.0)], axis=1).astype(np.float32)
+    times = (1e-4 * tokens + 0.01).astype(np.float32)
+    predictor, _ = sync.fit(
+        sync.init_predictor(jax.random.key(1), 2), jnp.asarray(features), jnp.asarray(times)
+    )
+    far = jnp.asarray([[6000.0, 8.0], [60.0, 800.0], [0.5, 0.0]], jnp.float32)
+    predicted = np.asarray(sync.predict(predictor, far))
+    assert np.all(predicted > times.min() / 10) and np.all(predicted < times.max() * 10), predicted

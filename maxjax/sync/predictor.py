@@ -63,9 +63,16 @@ def _log_times(t: jax.Array) -> jax.Array:
     return jnp.log(jnp.maximum(t.astype(jnp.float32), 1e-9))
 
 
+# Standardised features are clipped to this many standard deviations: a feature far outside the
+# fitted range (or one that was constant in the fit) would otherwise drive the small network
+# into extrapolation, and the exponential of its output into times wrong by orders of magnitude.
+FEATURE_CLIP = 3.0
+
+
 def predict(predictor: Predictor, features: jax.Array) -> jax.Array:
     """Predicted times [N, outputs] for features [N, F] (same units as the fitted targets)."""
     z = (_log_features(features) - predictor.feature_mean) / predictor.feature_std
+    z = jnp.clip(z, -FEATURE_CLIP, FEATURE_CLIP)
     log_t = _mlp(predictor.layers, z) * predictor.target_std + predictor.target_mean
     return jnp.exp(log_t)
 
@@ -76,19 +83,28 @@ def fit(
     times: jax.Array,
     steps: int = 500,
     learning_rate: float = 1e-2,
+    weights: jax.Array | None = None,
 ) -> tuple[Predictor, jax.Array]:
     """Refit on measured (features [N, F], times [N, outputs]); returns (predictor, final loss).
 
-    Mean squared error in normalised log-time, full-batch Adam for `steps` steps.
+    Mean squared error in normalised log-time, full-batch Adam for `steps` steps. `weights` [N]
+    (default all 1) weigh the samples in the normalisation and the loss; a weight of 0 leaves a
+    row out, so a caller can pad its samples to one shape and compile the fit once.
     """
     log_f, log_t = _log_features(features), _log_times(times)
-    f_mean, f_std = jnp.mean(log_f, 0), jnp.std(log_f, 0) + 1e-6
-    t_mean, t_std = jnp.mean(log_t, 0), jnp.std(log_t, 0) + 1e-6
+    w = jnp.ones(log_f.shape[0]) if weights is None else weights.astype(jnp.float32)
+    w = (w / jnp.sum(w))[:, None]
+
+    def moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        mean = jnp.sum(w * x, 0)
+        return mean, jnp.sqrt(jnp.sum(w * jnp.square(x - mean), 0)) + 1e-6
+
+    (f_mean, f_std), (t_mean, t_std) = moments(log_f), moments(log_t)
     z, y = (log_f - f_mean) / f_std, (log_t - t_mean) / t_std
     tx = optax.adam(learning_rate)
 
     def loss_fn(layers: tuple) -> jax.Array:
-        return jnp.mean(jnp.square(_mlp(layers, z) - y))
+        return jnp.sum(w * jnp.square(_mlp(layers, z) - y)) / y.shape[1]
 
     def step(carry, _):
         layers, opt_state = carry

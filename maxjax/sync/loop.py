@@ -1,0 +1,147 @@
+"""The sync loop of an MA training run (seed section 4.3): measure, score, refit.
+
+Every `ma_separation.synchronization.sync_interval` steps (0: never) the trainer runs one
+training step under the profiler (`SyncLoop.measuring`), and `SyncLoop.observe` then
+
+1. turns the trace into stage samples: each attention stage's and each expert device's measured
+   time with its features (`maxjax.sync.measure`);
+2. scores the time models fitted at the previous sync point on these new samples, which neither
+   model has seen: `predictor_mape` (the 3-layer MLP) and `linear_mape` (least squares), and
+   `decided_by`, the one a decision uses (the MLP where it does at least as well);
+3. refits both models on the samples of the last `WINDOW` sync points;
+4. returns the sync record for metrics.jsonl, with the measured imbalance between the expert
+   devices and between the pools.
+
+The balancer does not act on it yet: the expert placement and the micro-batch count stay as
+configured, and the record says so (`expert_mapping`, `microbatches` are the ones in use).
+Measuring needs every device's runs in one trace, so the loop runs in single-process runs only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import numpy as np
+
+from maxjax.config import Config
+from maxjax.sync import measure
+from maxjax.sync.predictor import fit, fit_linear, held_out_scores, init_predictor
+
+WINDOW = 4  # sync points whose samples the models are fitted on
+
+
+class SyncLoop:
+    """The sync loop's state across a run: the samples of recent sync points and the models
+    fitted on them (see the module docstring)."""
+
+    def __init__(self, cfg: Config, runner: Any):
+        self.cfg = cfg
+        self.runner = runner
+        self.interval = cfg.ma_separation.synchronization.sync_interval
+        self.window: list[measure.StageSamples] = []
+        self.predictor = None
+        self.linear = None
+        self._key = jax.random.key(cfg.training.seed)
+        self._trace_dir: str | None = None
+
+    def due(self, step: int) -> bool:
+        """Whether the step that ends at `step` is measured."""
+        return self.interval > 0 and step % self.interval == 0
+
+    @contextlib.contextmanager
+    def measuring(self) -> Iterator[None]:
+        """Profile what runs inside (one training step, finished before the block ends)."""
+        self._trace_dir = tempfile.mkdtemp(prefix="maxjax-sync-")
+        options = jax.profiler.ProfileOptions()
+        options.python_tracer_level = 0  # device programs only: a smaller trace, less overhead
+        options.enable_hlo_proto = False
+        jax.profiler.start_trace(self._trace_dir, profiler_options=options)
+        try:
+            yield
+        finally:
+            jax.profiler.stop_trace()
+
+    def samples(self, expert_fraction_by_layer: np.ndarray) -> measure.StageSamples:
+        """The stage samples of the step just measured."""
+        cfg, runner = self.cfg, self.runner
+        try:
+            runs = measure.program_runs(measure.newest_trace(self._trace_dir))
+        finally:
+            shutil.rmtree(self._trace_dir, ignore_errors=True)
+        rounds = runner.microbatches * runner.accumulation
+        sequences = cfg.sequence.batch_size // rounds
+        per_device = cfg.moe.experts_per_layer // len(runner.expert_mesh.devices.flat)
+        order = np.asarray(runner.experts.order)
+        assignments_per_expert = (
+            np.asarray(expert_fraction_by_layer, np.float64)
+            * sequences
+            * cfg.sequence.length
+            * cfg.moe.top_k
+        )
+        by_row = assignments_per_expert[:, order]  # expert-device order
+        assignments = by_row.reshape(by_row.shape[0], -1, per_device).sum(-1)
+        return measure.stage_samples(
+            runs,
+            attention_devices=[d.id for d in runner.attention_devices],
+            expert_devices=[d.id for d in runner.expert_mesh.devices.flat],
+            layers=cfg.model.layers,
+            microbatches=runner.microbatches,
+            microbatch_sequences=sequences,
+            sequence_length=cfg.sequence.length,
+            heads_per_attention_device=cfg.model.attention_heads / len(runner.attention_devices),
+            experts_per_device=per_device,
+            compression=runner.compress,
+            assignments=assignments,
+        )
+
+    def observe(self, step: int, expert_fraction_by_layer: np.ndarray) -> dict[str, Any]:
+        """Steps 1-4 of the module docstring for the step just measured; its sync record."""
+        start = time.perf_counter()
+        new = self.samples(expert_fraction_by_layer)
+        if not len(new.times):
+            raise RuntimeError("the profiler recorded no stage program of the measured step")
+        scores: dict[str, Any] = {"predictor_mape": None, "linear_mape": None, "decided_by": None}
+        if self.predictor is not None:
+            scores = held_out_scores(self.predictor, self.linear, new.features, new.times[:, None])
+        self.window = [*self.window[-(WINDOW - 1) :], new]
+        features = np.concatenate([s.features for s in self.window])
+        times = np.concatenate([s.times for s in self.window])[:, None]
+        self.linear = fit_linear(features, times)
+        # Padded to the full window (weight 0), so that the fit compiles once per run.
+        pad = max(0, WINDOW * len(new.times) - len(times))
+        weights = np.concatenate([np.ones(len(times)), np.zeros(pad)])
+        self._key, key = jax.random.split(self._key)
+        self.predictor, _ = fit(
+            init_predictor(key, features.shape[1]),
+            np.pad(features, ((0, pad), (0, 0)), mode="edge").astype(np.float32),
+            np.pad(times, ((0, pad), (0, 0)), mode="edge").astype(np.float32),
+            weights=weights.astype(np.float32),
+        )
+        devices = len(self.runner.expert_mesh.devices.flat)
+        measured = measure.measured_imbalance(new, devices)
+        experts = new.device >= 0
+        return {
+            "event": "sync",
+            "step": step,
+            "imbalance_before": measured["experts"],
+            "pool_imbalance": measured["pools"],
+            "attention_stage_seconds": float(new.times[~experts].mean()),
+            "expert_stage_seconds": [
+                float(new.times[new.device == j].mean()) for j in range(devices)
+            ],
+            "samples": len(new.times),
+            **scores,
+            "expert_mapping": {
+                device: list(experts)
+                for device, experts in self.cfg.ma_separation.moe.expert_mapping.items()
+            },
+            "microbatches": self.runner.microbatches,
+            "applied": False,
+            "seconds": time.perf_counter() - start,
+        }

@@ -1,0 +1,167 @@
+"""Measured stage times of an MA training step, from a profiler trace.
+
+`jax.profiler` records every executed HLO operation with the device that ran it
+(``device_ordinal``, a `jax.Device.id`), its program (``hlo_module``, e.g. ``jit_experts_vjp``) and
+the execution it belongs to (``run_id``). One program execution on one device is a *run*; its
+time is from its first operation's start to its last one's end (`program_runs`).
+
+`stage_samples` turns the runs of one training step into samples for the time models of
+`maxjax.sync.predictor`: one per attention stage (a layer's forward program for one micro-batch;
+its time is the slowest attention device's) and one per expert device and expert stage (that
+device's run of the expert program), each with the features in `FEATURES`. On CPU all emulated
+devices share the machine's cores, so these are times on a shared machine; on a GPU each device's
+run is its own.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+# The programs whose runs are stage samples: the forward programs of a training step (with
+# gradient checkpointing the forward-only ones) on each pool.
+ATTENTION_PROGRAMS = ("first_vjp", "middle_vjp", "first", "middle")
+EXPERT_PROGRAMS = ("experts_vjp", "experts")
+
+FEATURES = (
+    "expert_stage",  # 1 for an expert device's stage, 0 for an attention stage
+    "tokens",  # token rows the device computes: routed assignments (experts), tokens (attention)
+    "microbatch_sequences",
+    "sequence_length",
+    "heads_per_attention_device",
+    "experts_per_device",
+    "compression",  # 1 with 8-bit compression between the pools
+)
+
+
+class ProgramRun(NamedTuple):
+    device: int
+    program: str  # the jitted function's name ("experts_vjp"), without JAX's "jit_"
+    run: int  # the execution's run_id: increases in dispatch order
+    start_s: float
+    seconds: float
+
+
+class StageSamples(NamedTuple):
+    features: np.ndarray  # [N, len(FEATURES)]
+    times: np.ndarray  # [N] seconds
+    layer: np.ndarray  # [N]
+    device: np.ndarray  # [N] expert device index j (0..J-1), -1 for an attention stage
+
+
+def newest_trace(trace_dir: str) -> str:
+    """The newest profiler trace file (*.xplane.pb) under `trace_dir`."""
+    files = sorted(
+        glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True),
+        key=os.path.getmtime,
+    )
+    if not files:
+        raise FileNotFoundError(f"no profiler trace (*.xplane.pb) under {trace_dir}")
+    return files[-1]
+
+
+def program_runs(trace_file: str) -> list[ProgramRun]:
+    """Every (device, execution) of the trace as a run, in no particular order."""
+    from jax.profiler import ProfileData
+
+    spans: dict[tuple[int, int], list] = {}
+    for plane in ProfileData.from_file(trace_file).planes:
+        for line in plane.lines:
+            for event in line.events:
+                stats = dict(event.stats)
+                if "device_ordinal" not in stats or "hlo_module" not in stats:
+                    continue
+                key = (int(stats["device_ordinal"]), int(stats["run_id"]))
+                start, end = event.start_ns, event.start_ns + event.duration_ns
+                span = spans.setdefault(key, [str(stats["hlo_module"]), start, end])
+                span[1], span[2] = min(span[1], start), max(span[2], end)
+    return [
+        ProgramRun(device, name.removeprefix("jit_"), run, start * 1e-9, (end - start) * 1e-9)
+        for (device, run), (name, start, end) in spans.items()
+    ]
+
+
+def stage_samples(
+    runs: Sequence[ProgramRun],
+    *,
+    attention_devices: Sequence[int],
+    expert_devices: Sequence[int],
+    layers: int,
+    microbatches: int,
+    microbatch_sequences: int,
+    sequence_length: int,
+    heads_per_attention_device: float,
+    experts_per_device: int,
+    compression: bool,
+    assignments: np.ndarray,
+) -> StageSamples:
+    """Samples of one training step's stage runs (see the module docstring).
+
+    Runs are matched to layers by dispatch order: the k-th run of a pool's forward programs is
+    layer (k // micro-batches) % layers, micro-batches of a layer being dispatched one after
+    another. `assignments` [layers, J]: routed assignments each expert device computes per
+    micro-batch and layer (the step's mean); tokens per attention device are the micro-batch's
+    tokens over the attention devices."""
+    expert_index = {d: j for j, d in enumerate(expert_devices)}
+    attention = set(attention_devices)
+    tokens_per_attention = microbatch_sequences * sequence_length / len(attention_devices)
+    common = [microbatch_sequences, sequence_length, heads_per_attention_device]
+    rows, times, layer_of, device_of = [], [], [], []
+
+    def layer_at(k: int, per_layer: int) -> int:
+        return (k // per_layer) % layers
+
+    attention_runs: dict[int, float] = defaultdict(float)
+    for r in runs:
+        if r.device in attention and r.program in ATTENTION_PROGRAMS:
+            attention_runs[r.run] = max(attention_runs[r.run], r.seconds)
+    for k, run in enumerate(sorted(attention_runs)):
+        rows.append([0, tokens_per_attention, *common, experts_per_device, int(compression)])
+        times.append(attention_runs[run])
+        layer_of.append(layer_at(k, microbatches))
+        device_of.append(-1)
+    for device, j in expert_index.items():
+        mine = sorted(
+            (r for r in runs if r.device == device and r.program in EXPERT_PROGRAMS),
+            key=lambda r: r.run,
+        )
+        for k, r in enumerate(mine):
+            layer = layer_at(k, microbatches)
+            tokens = float(assignments[layer, j])
+            rows.append([1, tokens, *common, experts_per_device, int(compression)])
+            times.append(r.seconds)
+            layer_of.append(layer)
+            device_of.append(j)
+    return StageSamples(
+        np.asarray(rows, np.float64).reshape(-1, len(FEATURES)),
+        np.asarray(times, np.float64),
+        np.asarray(layer_of, np.int32),
+        np.asarray(device_of, np.int32),
+    )
+
+
+def measured_imbalance(samples: StageSamples, expert_devices: int) -> dict[str, float]:
+    """Imbalance ((slowest - fastest) / slowest, `maxjax.sync.balancer.imbalance`) of the step's
+    measured stage times: between the expert devices (the worst layer), and between the pools
+    (attention stages' total against the slowest expert device's stages' total)."""
+    from maxjax.sync.balancer import imbalance
+
+    experts = samples.device >= 0
+    by_layer = []
+    for layer in np.unique(samples.layer[experts]):
+        per_device = [
+            samples.times[experts & (samples.layer == layer) & (samples.device == j)].sum()
+            for j in range(expert_devices)
+        ]
+        by_layer.append(imbalance(per_device))
+    expert_totals = [samples.times[samples.device == j].sum() for j in range(expert_devices)]
+    attention_total = samples.times[~experts].sum()
+    return {
+        "experts": max(by_layer, default=0.0),
+        "pools": imbalance([attention_total, max(expert_totals, default=0.0)]),
+    }

@@ -1,0 +1,128 @@
+"""The sync loop in training: stage samples from profiler runs, and the records it writes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from _train_helpers import records, train_argv, train_losses
+
+from maxjax import train
+from maxjax.sync import measure
+from maxjax.sync.measure import ProgramRun
+
+SYNC_KEYS = (
+    "event",
+    "step",
+    "imbalance_before",
+    "pool_imbalance",
+    "attention_stage_seconds",
+    "expert_stage_seconds",
+    "samples",
+    "predictor_mape",
+    "linear_mape",
+    "decided_by",
+    "expert_mapping",
+    "microbatches",
+    "applied",
+    "seconds",
+)
+
+
+def synthetic_runs(layers: int, microbatches: int) -> list[ProgramRun]:
+    """A forward sweep's runs: attention devices 0, 1 and expert devices 2, 3; expert device 3
+    takes twice as long as device 2 in layer 1; attention device 1 is the slower one."""
+    runs, run = [], 0
+    for layer in range(layers):
+        for _ in range(microbatches):
+            program = "first_vjp" if layer == 0 else "middle_vjp"
+            runs += [ProgramRun(0, program, run, 0.0, 0.010), ProgramRun(1, program, run, 0, 0.012)]
+            run += 1
+            slow = 2.0 if layer == 1 else 1.0
+            runs += [
+                ProgramRun(2, "experts_vjp", run, 0.0, 0.005),
+                ProgramRun(3, "experts_vjp", run, 0.0, 0.005 * slow),
+                ProgramRun(2, "summarize", run + 1000, 0.0, 1.0),  # not a stage program
+            ]
+            run += 1
+    return runs
+
+
+def test_runs_become_stage_samples_by_layer_and_device():
+    layers, microbatches = 2, 2
+    assignments = np.array([[10.0, 30.0], [20.0, 20.0]])  # [layers, expert devices]
+    samples = measure.stage_samples(
+        synthetic_runs(layers, microbatches),
+        attention_devices=[0, 1],
+        expert_devices=[2, 3],
+        layers=layers,
+        microbatches=microbatches,
+        microbatch_sequences=4,
+        sequence_length=8,
+        heads_per_attention_device=2.0,
+        experts_per_device=4,
+        compression=True,
+        assignments=assignments,
+    )
+    attention = samples.device == -1
+    assert attention.sum() == layers * microbatches and len(samples.times) == 3 * 4
+    np.testing.assert_allclose(samples.times[attention], 0.012)  # the slowest device's
+    np.testing.assert_array_equal(samples.layer[attention], [0, 0, 1, 1])
+    np.testing.assert_allclose(samples.features[attention, 1], 4 * 8 / 2)  # tokens per device
+    on_3 = samples.device == 1
+    np.testing.assert_array_equal(samples.layer[on_3], [0, 0, 1, 1])
+    np.testing.assert_allclose(samples.times[on_3], [0.005, 0.005, 0.010, 0.010])
+    np.testing.assert_allclose(samples.features[on_3, 1], [30, 30, 20, 20])  # its assignments
+    assert set(samples.features[:, 0]) == {0.0, 1.0} and set(samples.features[:, -1]) == {1.0}
+    imbalance = measure.measured_imbalance(samples, 2)
+    assert imbalance["experts"] == pytest.approx(0.5)  # layer 1: 0.01 against 0.02 per device
+    assert imbalance["pools"] == pytest.approx(1 - 0.030 / 0.048)
+
+
+def test_stage_samples_need_assignments_for_every_layer():
+    with pytest.raises(IndexError):
+        measure.stage_samples(
+            synthetic_runs(2, 1),
+            attention_devices=[0, 1],
+            expert_devices=[2, 3],
+            layers=2,
+            microbatches=1,
+            microbatch_sequences=4,
+            sequence_length=8,
+            heads_per_attention_device=2.0,
+            experts_per_device=4,
+            compression=False,
+            assignments=np.ones((1, 2)),
+        )
+
+
+@pytest.mark.slow
+def test_training_with_the_sync_loop_writes_records_and_the_same_losses(tmp_path):
+    """MA training with sync_interval=3 writes a sync record after steps 3 and 6, the second
+    with held-out errors of both time models, and logs the losses of the same run with the
+    loop off."""
+    steps, on, off = 6, tmp_path / "on", tmp_path / "off"
+    for directory, interval in ((on, 3), (off, 0)):
+        argv = train_argv(
+            directory,
+            steps,
+            "training.dtype=float32",
+            f"ma_separation.synchronization.sync_interval={interval}",
+            strategy="ma",
+        )
+        assert train.main([*argv, "--no-checkpoint"]) == 0
+    synced = [r for r in records(on) if r.get("event") == "sync"]
+    assert [r["step"] for r in synced] == [3, 6]
+    for record in synced:
+        assert set(record) == set(SYNC_KEYS), set(record) ^ set(SYNC_KEYS)
+        assert record["samples"] == 4 * 2 * (1 + 4)  # layers x micro-batches x (1 + J)
+        assert record["applied"] is False and record["microbatches"] == 2
+        assert 0 <= record["imbalance_before"] < 1 and 0 <= record["pool_imbalance"] < 1
+        assert all(t > 0 for t in record["expert_stage_seconds"])
+    assert synced[0]["predictor_mape"] is None  # nothing fitted before the first sync point
+    assert synced[1]["predictor_mape"] >= 0 and synced[1]["linear_mape"] >= 0
+    assert synced[1]["decided_by"] in ("predictor", "linear")
+    assert not [r for r in records(off) if r.get("event") == "sync"]
+    got, want = dict(train_losses(on)), dict(train_losses(off))
+    assert got.keys() == want.keys() == set(range(1, steps + 1))
+    for step, loss in want.items():
+        assert abs(got[step] - loss) <= 1e-5 * abs(loss), step
