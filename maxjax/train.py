@@ -213,9 +213,11 @@ def _host_metrics(metrics: dict[str, jax.Array]) -> dict[str, Any]:
     return out
 
 
-def sync_loop(cfg: Config, strategy: str, runner: Runner) -> SyncLoop | None:
-    """The run's sync loop (`maxjax.sync.loop`): for "ma" with a sync interval, in one process."""
-    if strategy != "ma" or cfg.ma_separation.synchronization.sync_interval == 0:
+def sync_loop(cfg: Config, strategy: str, runner: Runner, steps: int) -> SyncLoop | None:
+    """The run's sync loop (`maxjax.sync.loop`): for "ma" with a sync interval, in one process;
+    None when off or when the run ends before its first sync point."""
+    interval = cfg.ma_separation.synchronization.sync_interval
+    if strategy != "ma" or interval == 0 or steps < interval:
         return None
     if jax.process_count() > 1:
         _note("sync loop off: measuring stage times needs every device in one process")
@@ -333,7 +335,7 @@ def train(
         }
         store.save(state.step, runner.export_train_state(state), meta, cfg.to_dict())
 
-    sync = sync_loop(cfg, strategy, runner)
+    sync = sync_loop(cfg, strategy, runner, steps)
     history: list[dict[str, Any]] = []
     val_loss = None
     bar = tqdm(

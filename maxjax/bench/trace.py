@@ -9,8 +9,6 @@ busy time during which the attention pool is busy too: what the micro-batch ping
 
 from __future__ import annotations
 
-import glob
-import os
 from collections.abc import Iterable
 
 Interval = tuple[float, float]
@@ -50,14 +48,10 @@ def device_intervals(trace_dir: str) -> dict[int, list[Interval]]:
     """Busy intervals (seconds) of every device in the newest trace under `trace_dir`."""
     from jax.profiler import ProfileData
 
-    files = sorted(
-        glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True),
-        key=os.path.getmtime,
-    )
-    if not files:
-        raise FileNotFoundError(f"no profiler trace (*.xplane.pb) under {trace_dir}")
+    from maxjax.sync.measure import newest_trace
+
     busy: dict[int, list[Interval]] = {}
-    for plane in ProfileData.from_file(files[-1]).planes:
+    for plane in ProfileData.from_file(newest_trace(trace_dir)).planes:
         for line in plane.lines:
             for event in line.events:
                 stats = dict(event.stats)

@@ -4,6 +4,8 @@
 linear least-squares model it is scored against on held-out measurements.
 `balancer`: measures imbalance and proposes a new expert placement and micro-batch count when it
 exceeds `load_balancing_threshold`. Both are pure functions of arrays.
+`measure`: stage times and their features from a profiler trace of a training step.
+`loop`: the training run's sync loop (`SyncLoop`): measure a step, score and refit the models.
 """
 
 from maxjax.sync.balancer import (

@@ -15,6 +15,8 @@ training step under the profiler (`SyncLoop.measuring`), and `SyncLoop.observe` 
 The balancer does not act on it yet: the expert placement and the micro-batch count stay as
 configured, and the record says so (`expert_mapping`, `microbatches` are the ones in use).
 Measuring needs every device's runs in one trace, so the loop runs in single-process runs only.
+The samples and models live in memory: after a resume the first sync point has no held-out
+scores yet.
 """
 
 from __future__ import annotations
@@ -64,8 +66,11 @@ class SyncLoop:
         jax.profiler.start_trace(self._trace_dir, profiler_options=options)
         try:
             yield
-        finally:
+        except BaseException:
             jax.profiler.stop_trace()
+            shutil.rmtree(self._trace_dir, ignore_errors=True)
+            raise
+        jax.profiler.stop_trace()
 
     def samples(self, expert_fraction_by_layer: np.ndarray) -> measure.StageSamples:
         """The stage samples of the step just measured."""
