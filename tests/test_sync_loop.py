@@ -29,25 +29,33 @@ SYNC_KEYS = (
 
 
 def synthetic_runs(layers: int, microbatches: int) -> list[ProgramRun]:
-    """A forward sweep's runs: attention devices 0, 1 and expert devices 2, 3; expert device 3
-    takes twice as long as device 2 in layer 1; attention device 1 is the slower one."""
+    """A step's runs: attention devices 0, 1 and expert devices 2, 3; the forward sweep, then the
+    backward sweep (layers in reverse, each stage taking twice its forward time). Expert device
+    3 takes twice as long as device 2 in layer 1; attention device 1 is the slower one."""
     runs, run = [], 0
-    for layer in range(layers):
-        for _ in range(microbatches):
-            program = "first_vjp" if layer == 0 else "middle_vjp"
-            runs += [ProgramRun(0, program, run, 0.0, 0.010), ProgramRun(1, program, run, 0, 0.012)]
-            run += 1
-            slow = 2.0 if layer == 1 else 1.0
-            runs += [
-                ProgramRun(2, "experts_vjp", run, 0.0, 0.005),
-                ProgramRun(3, "experts_vjp", run, 0.0, 0.005 * slow),
-                ProgramRun(2, "summarize", run + 1000, 0.0, 1.0),  # not a stage program
-            ]
-            run += 1
+    sweeps = (("vjp", range(layers), 1.0), ("backward", reversed(range(layers)), 2.0))
+    for sweep, order, factor in sweeps:
+        for layer in order:
+            for _ in range(microbatches):
+                name = ("first_" if layer == 0 else "middle_") + sweep
+                if sweep == "backward" and layer > 0:
+                    name = "layer_backward"
+                runs += [
+                    ProgramRun(0, name, run, 0.0, 0.010 * factor),
+                    ProgramRun(1, name, run, 0.0, 0.012 * factor),
+                ]
+                run += 1
+                slow = 2.0 if layer == 1 else 1.0
+                runs += [
+                    ProgramRun(2, f"experts_{sweep}", run, 0.0, 0.005 * factor),
+                    ProgramRun(3, f"experts_{sweep}", run, 0.0, 0.005 * slow * factor),
+                    ProgramRun(2, "summarize", run + 1000, 0.0, 1.0),  # not a stage program
+                ]
+                run += 1
     return runs
 
 
-def test_runs_become_stage_samples_by_layer_and_device():
+def test_runs_become_stage_samples_by_layer_sweep_and_device():
     layers, microbatches = 2, 2
     assignments = np.array([[10.0, 30.0], [20.0, 20.0]])  # [layers, expert devices]
     samples = measure.stage_samples(
@@ -63,19 +71,28 @@ def test_runs_become_stage_samples_by_layer_and_device():
         compression=True,
         assignments=assignments,
     )
+    column = {name: i for i, name in enumerate(measure.FEATURES)}
+    backward = samples.features[:, column["backward"]] == 1
     attention = samples.device == -1
-    assert attention.sum() == layers * microbatches and len(samples.times) == 3 * 4
-    np.testing.assert_allclose(samples.times[attention], 0.012)  # the slowest device's
-    np.testing.assert_array_equal(samples.layer[attention], [0, 0, 1, 1])
-    np.testing.assert_allclose(samples.features[attention, 1], 4 * 8 / 2)  # tokens per device
+    assert len(samples.times) == 2 * 3 * layers * microbatches and backward.sum() == 12
+    np.testing.assert_allclose(samples.times[attention & ~backward], 0.012)  # the slowest device's
+    np.testing.assert_allclose(samples.times[attention & backward], 0.024)
+    np.testing.assert_array_equal(samples.layer[attention], [0, 0, 1, 1, 1, 1, 0, 0])
+    np.testing.assert_allclose(samples.features[attention, column["tokens"]], 4 * 8 / 2)
     on_3 = samples.device == 1
-    np.testing.assert_array_equal(samples.layer[on_3], [0, 0, 1, 1])
-    np.testing.assert_allclose(samples.times[on_3], [0.005, 0.005, 0.010, 0.010])
-    np.testing.assert_allclose(samples.features[on_3, 1], [30, 30, 20, 20])  # its assignments
-    assert set(samples.features[:, 0]) == {0.0, 1.0} and set(samples.features[:, -1]) == {1.0}
+    np.testing.assert_array_equal(samples.layer[on_3], [0, 0, 1, 1, 1, 1, 0, 0])
+    np.testing.assert_allclose(
+        samples.times[on_3], [0.005, 0.005, 0.010, 0.010, 0.020, 0.020, 0.010, 0.010]
+    )
+    np.testing.assert_allclose(
+        samples.features[on_3, column["tokens"]], [30, 30, 20, 20, 20, 20, 30, 30]
+    )
+    assert set(samples.features[:, column["expert_stage"]]) == {0.0, 1.0}
+    assert set(samples.features[:, column["compression"]]) == {1.0}
     imbalance = measure.measured_imbalance(samples, 2)
-    assert imbalance["experts"] == pytest.approx(0.5)  # layer 1: 0.01 against 0.02 per device
-    assert imbalance["pools"] == pytest.approx(1 - 0.030 / 0.048)
+    assert imbalance["experts"] == pytest.approx(0.5)  # layer 1: device 3 twice device 2
+    # Attention 4 x 0.012 + 4 x 0.024 = 0.144; the slowest expert device (3) 0.030 + 0.060.
+    assert imbalance["pools"] == pytest.approx(1 - 0.090 / 0.144)
 
 
 def test_stage_samples_need_assignments_for_every_layer():
@@ -114,7 +131,7 @@ def test_training_with_the_sync_loop_writes_records_and_the_same_losses(tmp_path
     assert [r["step"] for r in synced] == [3, 6]
     for record in synced:
         assert set(record) == set(SYNC_KEYS), set(record) ^ set(SYNC_KEYS)
-        assert record["samples"] == 4 * 2 * (1 + 4)  # layers x micro-batches x (1 + J)
+        assert record["samples"] == 2 * 4 * 2 * (1 + 4)  # sweeps x layers x micro-batches x (1 + J)
         assert record["applied"] is False and record["microbatches"] == 2
         assert 0 <= record["imbalance_before"] < 1 and 0 <= record["pool_imbalance"] < 1
         assert all(t > 0 for t in record["expert_stage_seconds"])

@@ -6,9 +6,9 @@ the execution it belongs to (``run_id``). One program execution on one device is
 time is from its first operation's start to its last one's end (`program_runs`).
 
 `stage_samples` turns the runs of one training step into samples for the time models of
-`maxjax.sync.predictor`: one per attention stage (a layer's forward program for one micro-batch;
-its time is the slowest attention device's) and one per expert device and expert stage (that
-device's run of the expert program), each with the features in `FEATURES`. On CPU all emulated
+`maxjax.sync.predictor`: one per attention stage (a layer's forward or backward program for one
+micro-batch; its time is the slowest attention device's) and one per expert device and expert
+stage (that device's run of the expert program), each with the features in `FEATURES`. On CPU all emulated
 devices share the machine's cores, so these are times on a shared machine; on a GPU each device's
 run is its own.
 """
@@ -23,13 +23,23 @@ from typing import NamedTuple
 
 import numpy as np
 
-# The programs whose runs are stage samples: the forward programs of a training step (with
-# gradient checkpointing the forward-only ones) on each pool.
-ATTENTION_PROGRAMS = ("first_vjp", "middle_vjp", "first", "middle")
-EXPERT_PROGRAMS = ("experts_vjp", "experts")
+# The programs whose runs are stage samples, by pool and sweep (`maxjax.parallel.ma.stages`;
+# with gradient checkpointing the forward-only programs and the recomputing backward ones).
+STAGE_PROGRAMS = {
+    ("attention", "forward"): ("first_vjp", "middle_vjp", "first", "middle"),
+    ("attention", "backward"): (
+        "first_backward",
+        "layer_backward",
+        "first_recompute",
+        "middle_recompute",
+    ),
+    ("experts", "forward"): ("experts_vjp", "experts"),
+    ("experts", "backward"): ("experts_backward", "experts_recompute"),
+}
 
 FEATURES = (
     "expert_stage",  # 1 for an expert device's stage, 0 for an attention stage
+    "backward",  # 1 for a stage of the backward sweep
     "tokens",  # token rows the device computes: routed assignments (experts), tokens (attention)
     "microbatch_sequences",
     "sequence_length",
@@ -102,41 +112,53 @@ def stage_samples(
 ) -> StageSamples:
     """Samples of one training step's stage runs (see the module docstring).
 
-    Runs are matched to layers by dispatch order: the k-th run of a pool's forward programs is
-    layer (k // micro-batches) % layers, micro-batches of a layer being dispatched one after
-    another. `assignments` [layers, J]: routed assignments each expert device computes per
-    micro-batch and layer (the step's mean); tokens per attention device are the micro-batch's
-    tokens over the attention devices."""
-    expert_index = {d: j for j, d in enumerate(expert_devices)}
+    Runs are matched to layers by dispatch order: micro-batches of a layer are dispatched one
+    after another, layers in order in the forward sweep and in reverse in the backward sweep, so
+    the k-th run of a pool's forward programs is layer (k // micro-batches) % layers, and of its
+    backward programs the layer counted from the last. `assignments` [layers, J]: routed
+    assignments each expert device computes per micro-batch and layer (the step's mean); tokens
+    per attention device are the micro-batch's tokens over the attention devices."""
     attention = set(attention_devices)
     tokens_per_attention = microbatch_sequences * sequence_length / len(attention_devices)
-    common = [microbatch_sequences, sequence_length, heads_per_attention_device]
     rows, times, layer_of, device_of = [], [], [], []
 
-    def layer_at(k: int, per_layer: int) -> int:
-        return (k // per_layer) % layers
-
-    attention_runs: dict[int, float] = defaultdict(float)
-    for r in runs:
-        if r.device in attention and r.program in ATTENTION_PROGRAMS:
-            attention_runs[r.run] = max(attention_runs[r.run], r.seconds)
-    for k, run in enumerate(sorted(attention_runs)):
-        rows.append([0, tokens_per_attention, *common, experts_per_device, int(compression)])
-        times.append(attention_runs[run])
-        layer_of.append(layer_at(k, microbatches))
-        device_of.append(-1)
-    for device, j in expert_index.items():
-        mine = sorted(
-            (r for r in runs if r.device == device and r.program in EXPERT_PROGRAMS),
-            key=lambda r: r.run,
+    def add(expert: bool, backward: bool, k: int, tokens_of, seconds: float, j: int) -> None:
+        layer = (k // microbatches) % layers
+        layer = layers - 1 - layer if backward else layer
+        rows.append(
+            [
+                int(expert),
+                int(backward),
+                tokens_of(layer),
+                microbatch_sequences,
+                sequence_length,
+                heads_per_attention_device,
+                experts_per_device,
+                int(compression),
+            ]
         )
-        for k, r in enumerate(mine):
-            layer = layer_at(k, microbatches)
-            tokens = float(assignments[layer, j])
-            rows.append([1, tokens, *common, experts_per_device, int(compression)])
-            times.append(r.seconds)
-            layer_of.append(layer)
-            device_of.append(j)
+        times.append(seconds)
+        layer_of.append(layer)
+        device_of.append(j)
+
+    for backward in (False, True):
+        programs = STAGE_PROGRAMS[("attention", "backward" if backward else "forward")]
+        slowest: dict[int, float] = defaultdict(float)
+        for r in runs:
+            if r.device in attention and r.program in programs:
+                slowest[r.run] = max(slowest[r.run], r.seconds)
+        for k, run in enumerate(sorted(slowest)):
+            add(False, backward, k, lambda _: tokens_per_attention, slowest[run], -1)
+        programs = STAGE_PROGRAMS[("experts", "backward" if backward else "forward")]
+        for j, device in enumerate(expert_devices):
+            mine = sorted(
+                (r for r in runs if r.device == device and r.program in programs),
+                key=lambda r: r.run,
+            )
+            for k, r in enumerate(mine):
+                add(
+                    True, backward, k, lambda layer, j=j: float(assignments[layer, j]), r.seconds, j
+                )
     return StageSamples(
         np.asarray(rows, np.float64).reshape(-1, len(FEATURES)),
         np.asarray(times, np.float64),
