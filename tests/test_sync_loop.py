@@ -112,6 +112,24 @@ def test_stage_samples_need_assignments_for_every_layer():
         )
 
 
+def test_a_trace_without_stage_runs_gives_a_record_not_an_error():
+    """A sync point whose trace holds no stage program runs (here: nothing ran while measuring;
+    a backend whose traces name devices otherwise does the same) ends with a record saying so,
+    and fits nothing; training goes on."""
+    from maxjax.config import load_config
+    from maxjax.parallel.ma import MARunner
+    from maxjax.sync.loop import SyncLoop
+
+    cfg = load_config("tiny")
+    loop = SyncLoop(cfg, MARunner(cfg))
+    with loop.measuring():
+        pass
+    record = loop.observe(5, np.full((cfg.model.layers, cfg.moe.experts_per_layer), 1 / 16))
+    assert record["samples"] == 0 and "no stage program runs" in record["error"]
+    assert record["step"] == 5 and record["applied"] is False
+    assert loop.predictor is None and loop.linear is None
+
+
 @pytest.mark.slow
 def test_training_with_the_sync_loop_writes_records_and_the_same_losses(tmp_path):
     """MA training with sync_interval=3 writes a sync record after steps 3 and 6, the second

@@ -15,6 +15,9 @@ training step under the profiler (`SyncLoop.measuring`), and `SyncLoop.observe` 
 The balancer does not act on it yet: the expert placement and the micro-batch count stay as
 configured, and the record says so (`expert_mapping`, `microbatches` are the ones in use).
 Measuring needs every device's runs in one trace, so the loop runs in single-process runs only.
+The trace format is the one of JAX's CPU client (each operation with `device_ordinal` and
+`run_id`); a trace without such runs (another backend) gives a record with `"samples": 0` and
+an `error`, and training goes on.
 The samples and models live in memory: after a resume the first sync point has no held-out
 scores yet.
 """
@@ -110,7 +113,16 @@ class SyncLoop:
         start = time.perf_counter()
         new = self.samples(expert_fraction_by_layer)
         if not len(new.times):
-            raise RuntimeError("the profiler recorded no stage program of the measured step")
+            # Traces of other backends may name devices and executions differently: say so in
+            # the record and go on training.
+            return {
+                "event": "sync",
+                "step": step,
+                "samples": 0,
+                "error": "the profiler trace held no stage program runs with a device ordinal",
+                "applied": False,
+                "seconds": time.perf_counter() - start,
+            }
         scores: dict[str, Any] = {"predictor_mape": None, "linear_mape": None, "decided_by": None}
         if self.predictor is not None:
             scores = held_out_scores(self.predictor, self.linear, new.features, new.times[:, None])
