@@ -31,28 +31,40 @@ SYNC_KEYS = (
 def synthetic_runs(layers: int, microbatches: int) -> list[ProgramRun]:
     """A step's runs: attention devices 0, 1 and expert devices 2, 3; the forward sweep, then the
     backward sweep (layers in reverse, each stage taking twice its forward time). Expert device
-    3 takes twice as long as device 2 in layer 1; attention device 1 is the slower one."""
-    runs, run = [], 0
+    3 takes twice as long as device 2 in layer 1; attention device 1 is the slower one. As in
+    JAX's traces, each executable numbers its executions from its own random base, so the run
+    ids say nothing of the order across executables; the start times do. Here the later stages'
+    executables count from lower bases, and the expert backward of a layer's first micro-batch
+    (no gradient sum to add to yet) is an executable of its own, as in a real step."""
+    base = {"first_vjp": 9000, "middle_vjp": 100, "experts_backward/first": 5000}
+    runs, clock = [], 0.0
+
+    def run_id(executable: str) -> int:
+        base[executable] = base.get(executable, 10 * len(base)) + 1
+        return base[executable]
+
     sweeps = (("vjp", range(layers), 1.0), ("backward", reversed(range(layers)), 2.0))
     for sweep, order, factor in sweeps:
         for layer in order:
-            for _ in range(microbatches):
+            for micro in range(microbatches):
                 name = ("first_" if layer == 0 else "middle_") + sweep
                 if sweep == "backward" and layer > 0:
                     name = "layer_backward"
+                run = run_id(name)
                 runs += [
-                    ProgramRun(0, name, run, 0.0, 0.010 * factor),
-                    ProgramRun(1, name, run, 0.0, 0.012 * factor),
+                    ProgramRun(0, name, run, clock, 0.010 * factor),
+                    ProgramRun(1, name, run, clock, 0.012 * factor),
                 ]
-                run += 1
                 slow = 2.0 if layer == 1 else 1.0
+                first = sweep == "backward" and micro == 0
+                run = run_id(f"experts_{sweep}" + ("/first" if first else ""))
                 runs += [
-                    ProgramRun(2, f"experts_{sweep}", run, 0.0, 0.005 * factor),
-                    ProgramRun(3, f"experts_{sweep}", run, 0.0, 0.005 * slow * factor),
-                    ProgramRun(2, "summarize", run + 1000, 0.0, 1.0),  # not a stage program
+                    ProgramRun(2, f"experts_{sweep}", run, clock + 0.5, 0.005 * factor),
+                    ProgramRun(3, f"experts_{sweep}", run, clock + 0.5, 0.005 * slow * factor),
+                    ProgramRun(2, "summarize", run_id("summarize"), clock + 0.6, 1.0),
                 ]
-                run += 1
-    return runs
+                clock += 1.0
+    return runs[::-1]  # in no particular order
 
 
 def test_runs_become_stage_samples_by_layer_sweep_and_device():

@@ -8,9 +8,8 @@ time is from its first operation's start to its last one's end (`program_runs`).
 `stage_samples` turns the runs of one training step into samples for the time models of
 `maxjax.sync.predictor`: one per attention stage (a layer's forward or backward program for one
 micro-batch; its time is the slowest attention device's) and one per expert device and expert
-stage (that device's run of the expert program), each with the features in `FEATURES`. On CPU all emulated
-devices share the machine's cores, so these are times on a shared machine; on a GPU each device's
-run is its own.
+stage (that device's run of the expert program), each with the features in `FEATURES`. On CPU
+all emulated devices share the machine's cores, so these are times on a shared machine.
 """
 
 from __future__ import annotations
@@ -52,7 +51,7 @@ FEATURES = (
 class ProgramRun(NamedTuple):
     device: int
     program: str  # the jitted function's name ("experts_vjp"), without JAX's "jit_"
-    run: int  # the execution's run_id: increases in dispatch order
+    run: int  # the execution's run_id: one per execution, shared by its devices (not an order)
     start_s: float
     seconds: float
 
@@ -112,10 +111,11 @@ def stage_samples(
 ) -> StageSamples:
     """Samples of one training step's stage runs (see the module docstring).
 
-    Runs are matched to layers by dispatch order: micro-batches of a layer are dispatched one
-    after another, layers in order in the forward sweep and in reverse in the backward sweep, so
-    the k-th run of a pool's forward programs is layer (k // micro-batches) % layers, and of its
-    backward programs the layer counted from the last. `assignments` [layers, J]: routed
+    Runs are matched to layers by the order in which they started (run ids carry no order: each
+    program counts its own from a random base): micro-batches of a layer run one after another,
+    layers in order in the forward sweep and in reverse in the backward sweep, so the k-th run of
+    a pool's forward programs is layer (k // micro-batches) % layers, and of its backward
+    programs the layer counted from the last. `assignments` [layers, J]: routed
     assignments each expert device computes per micro-batch and layer (the step's mean); tokens
     per attention device are the micro-batch's tokens over the attention devices."""
     attention = set(attention_devices)
@@ -144,16 +144,18 @@ def stage_samples(
     for backward in (False, True):
         programs = STAGE_PROGRAMS[("attention", "backward" if backward else "forward")]
         slowest: dict[int, float] = defaultdict(float)
+        started: dict[int, float] = {}
         for r in runs:
             if r.device in attention and r.program in programs:
                 slowest[r.run] = max(slowest[r.run], r.seconds)
-        for k, run in enumerate(sorted(slowest)):
+                started[r.run] = min(started.get(r.run, r.start_s), r.start_s)
+        for k, run in enumerate(sorted(slowest, key=started.__getitem__)):
             add(False, backward, k, lambda _: tokens_per_attention, slowest[run], -1)
         programs = STAGE_PROGRAMS[("experts", "backward" if backward else "forward")]
         for j, device in enumerate(expert_devices):
             mine = sorted(
                 (r for r in runs if r.device == device and r.program in programs),
-                key=lambda r: r.run,
+                key=lambda r: r.start_s,
             )
             for k, r in enumerate(mine):
                 add(
