@@ -11,8 +11,9 @@ as lost, and each survivor prints
 
 and exits with status 1 (on CPU, gloo can end a survivor first: see `maxjax.stderr_relay`).
 JAX's own heartbeat timeout is set to 4 x that + 10 s (JAX sends its heartbeats at intervals of
-a good part of its timeout, so a shorter one could fire first), so the watch speaks first. A process that ends normally marks its heartbeat "done" on the way out,
-so a peer that finishes later does not take it for lost.
+a good part of its timeout, so a shorter one could fire first), so the watch speaks first. A
+process that ends normally marks its heartbeat "done" on the way out, so a peer that finishes
+later does not take it for lost.
 
 Process 0 hosts the coordination service. When it dies, JAX's client in every other process sees
 the connection drop and aborts the process from C++ within a second, before the watch can speak.

@@ -154,9 +154,10 @@ def test_four_processes_train_lose_one_resume_and_evaluate(tmp_path, one_process
     """MA training as 4 processes, SIGKILL of process 2 after the first checkpoint: the other
     three end within the peer timeout (10 s here) plus a margin, each with one line: naming the
     lost process (status 1, the peer watch), or saying that gloo ended it mid-collective, or,
-    where gloo ended process 0, naming process 0 (SIGABRT, the relay's line). Starting the four again resumes from the newest complete checkpoint; process
-    0 logs the one-process run's losses and gradient norms for every step (relative 1e-4), and
-    every process writes its shards of each checkpoint. A 4-process evaluate of the last
+    where gloo ended process 0, naming process 0 (SIGABRT, the relay's line). Starting the
+    four again resumes from the newest complete checkpoint; process 0 logs the one-process
+    run's losses and gradient norms for every step (relative 1e-4), and every process writes its
+    shards of each checkpoint. A 4-process evaluate of the last
     checkpoint reports the validation loss of a one-process evaluate of it."""
     from maxjax.checkpoint import saved_steps
     from maxjax.evaluate import evaluate

@@ -46,21 +46,12 @@ def intersection(a: Iterable[Interval], b: Iterable[Interval]) -> list[Interval]
 
 def device_intervals(trace_dir: str) -> dict[int, list[Interval]]:
     """Busy intervals (seconds) of every device in the newest trace under `trace_dir`."""
-    from jax.profiler import ProfileData
-
-    from maxjax.sync.measure import newest_trace
+    from maxjax.sync.measure import device_events, newest_trace
 
     busy: dict[int, list[Interval]] = {}
-    for plane in ProfileData.from_file(newest_trace(trace_dir)).planes:
-        for line in plane.lines:
-            for event in line.events:
-                stats = dict(event.stats)
-                if "device_ordinal" not in stats or "hlo_op" not in stats:
-                    continue
-                start = event.start_ns * 1e-9
-                busy.setdefault(int(stats["device_ordinal"]), []).append(
-                    (start, start + event.duration_ns * 1e-9)
-                )
+    for device, _, start_ns, duration_ns in device_events(newest_trace(trace_dir)):
+        start = start_ns * 1e-9
+        busy.setdefault(device, []).append((start, start + duration_ns * 1e-9))
     return busy
 
 

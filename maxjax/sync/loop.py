@@ -48,6 +48,7 @@ class SyncLoop:
     def __init__(self, cfg: Config, runner: Any):
         self.cfg = cfg
         self.runner = runner
+        self.expert_devices = [d.id for d in runner.expert_mesh.devices.flat]
         self.interval = cfg.ma_separation.synchronization.sync_interval
         self.window: list[measure.StageSamples] = []
         self.predictor = None
@@ -84,7 +85,7 @@ class SyncLoop:
             shutil.rmtree(self._trace_dir, ignore_errors=True)
         rounds = runner.microbatches * runner.accumulation
         sequences = cfg.sequence.batch_size // rounds
-        per_device = cfg.moe.experts_per_layer // len(runner.expert_mesh.devices.flat)
+        per_device = cfg.moe.experts_per_layer // len(self.expert_devices)
         order = np.asarray(runner.experts.order)
         assignments_per_expert = (
             np.asarray(expert_fraction_by_layer, np.float64)
@@ -97,7 +98,7 @@ class SyncLoop:
         return measure.stage_samples(
             runs,
             attention_devices=[d.id for d in runner.attention_devices],
-            expert_devices=[d.id for d in runner.expert_mesh.devices.flat],
+            expert_devices=self.expert_devices,
             layers=cfg.model.layers,
             microbatches=runner.microbatches,
             microbatch_sequences=sequences,
@@ -140,7 +141,7 @@ class SyncLoop:
             np.pad(times, ((0, pad), (0, 0)), mode="edge").astype(np.float32),
             weights=weights.astype(np.float32),
         )
-        devices = len(self.runner.expert_mesh.devices.flat)
+        devices = len(self.expert_devices)
         measured = measure.measured_imbalance(new, devices)
         experts = new.device >= 0
         return {

@@ -17,7 +17,7 @@ from __future__ import annotations
 import glob
 import os
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -74,21 +74,26 @@ def newest_trace(trace_dir: str) -> str:
     return files[-1]
 
 
-def program_runs(trace_file: str) -> list[ProgramRun]:
-    """Every (device, execution) of the trace as a run, in no particular order."""
+def device_events(trace_file: str) -> Iterator[tuple[int, dict, int, int]]:
+    """(device id, stats, start ns, duration ns) of every HLO operation event of the trace."""
     from jax.profiler import ProfileData
 
-    spans: dict[tuple[int, int], list] = {}
     for plane in ProfileData.from_file(trace_file).planes:
         for line in plane.lines:
             for event in line.events:
                 stats = dict(event.stats)
-                if "device_ordinal" not in stats or "hlo_module" not in stats:
-                    continue
-                key = (int(stats["device_ordinal"]), int(stats["run_id"]))
-                start, end = event.start_ns, event.start_ns + event.duration_ns
-                span = spans.setdefault(key, [str(stats["hlo_module"]), start, end])
-                span[1], span[2] = min(span[1], start), max(span[2], end)
+                if "device_ordinal" in stats and "hlo_op" in stats:
+                    yield int(stats["device_ordinal"]), stats, event.start_ns, event.duration_ns
+
+
+def program_runs(trace_file: str) -> list[ProgramRun]:
+    """Every (device, execution) of the trace as a run, in no particular order."""
+    spans: dict[tuple[int, int], list] = {}
+    for device, stats, start, duration in device_events(trace_file):
+        key = (device, int(stats["run_id"]))
+        end = start + duration
+        span = spans.setdefault(key, [str(stats["hlo_module"]), start, end])
+        span[1], span[2] = min(span[1], start), max(span[2], end)
     return [
         ProgramRun(device, name.removeprefix("jit_"), run, start * 1e-9, (end - start) * 1e-9)
         for (device, run), (name, start, end) in spans.items()
