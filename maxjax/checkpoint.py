@@ -39,6 +39,7 @@ CheckpointManager and its JSON item handler); this module never opens orbax's fi
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -57,11 +58,23 @@ class RestoreTarget(NamedTuple):
 
     layout: dict[str, Any]
     params: Any
+    # Given a stored layout this one is not, makes it this one where it can (the runner takes
+    # a stored expert placement) and returns the new target; None where it cannot.
+    adopt: Callable[[dict[str, Any]], RestoreTarget | None] | None = None
 
 
 def restore_target(runner: Any) -> RestoreTarget:
-    """The `RestoreTarget` of a runner (`maxjax.parallel.Runner`)."""
-    return RestoreTarget(runner.storage_layout(), runner.abstract_params())
+    """The `RestoreTarget` of a runner (`maxjax.parallel.Runner`). A runner that can take a
+    stored layout's placement (`adopt_storage_layout`: MA experts re-placed by the sync loop)
+    takes it, so that the state restores in place, shard by shard."""
+
+    def adopt(layout: dict[str, Any]) -> RestoreTarget | None:
+        return restore_target(runner) if runner.adopt_storage_layout(layout) else None
+
+    adopts = hasattr(runner, "adopt_storage_layout")
+    return RestoreTarget(
+        runner.storage_layout(), runner.abstract_params(), adopt if adopts else None
+    )
 
 
 class CheckpointError(RuntimeError):
@@ -379,6 +392,8 @@ class CheckpointStore:
             )
         host = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
         on_host = lambda x: jax.ShapeDtypeStruct(tuple(x.shape), x.dtype, sharding=host)  # noqa: E731
+        if target is not None and target.layout != layout and target.adopt is not None:
+            target = target.adopt(layout) or target
         direct = target is not None and target.layout == layout
         params = (
             target.params if direct else jax.tree.map(on_host, _keyed_like(stored, expected_params))

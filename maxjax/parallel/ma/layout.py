@@ -87,17 +87,42 @@ class HeadLayout(NamedTuple):
 
 
 class ExpertOrder(NamedTuple):
-    """Experts in expert-device order (device j's experts are rows j*E/J .. (j+1)*E/J - 1)."""
+    """Experts in expert-device order, per layer: in layer l, device j's experts are rows
+    j*E/J .. (j+1)*E/J - 1 of order[l]. Starts as `expert_mapping` in every layer; the sync
+    loop may re-place each layer's experts (`MARunner.move_experts`)."""
 
-    order: np.ndarray  # [E]: canonical expert of each row
-    row_of_expert: np.ndarray  # [E]: row of each canonical expert
+    order: np.ndarray  # [L, E]: canonical expert of each row ([1, E]: the same in every layer)
+    row_of_expert: np.ndarray  # [L, E]: row of each canonical expert
+
+    @classmethod
+    def of(cls, order: np.ndarray | list) -> ExpertOrder:
+        """From [L, E] rows, or one [E] order for every layer (checkpoints before per-layer
+        placement stored that)."""
+        order = np.atleast_2d(np.asarray(order, np.int32))
+        if order.ndim != 2 or any(sorted(row) != list(range(order.shape[1])) for row in order):
+            raise ValueError(
+                f"an expert order is [layers, experts], each row a permutation: {order}"
+            )
+        return cls(order, np.argsort(order, axis=1).astype(np.int32))
 
     @classmethod
     def from_config(cls, cfg: Config) -> ExpertOrder:
-        order = np.array(
-            [e for d in cfg.expert_devices for e in cfg.experts_of_device(d)], np.int32
-        )
-        return cls(order, np.argsort(order).astype(np.int32))
+        order = [e for d in cfg.expert_devices for e in cfg.experts_of_device(d)]
+        return cls.of(np.tile(np.array(order, np.int32), (cfg.model.layers, 1)))
+
+    def rows(self, layer: int) -> np.ndarray:
+        """Canonical expert of each row in `layer` [E]."""
+        return self.order[layer if len(self.order) > 1 else 0]
+
+    def row_of(self, layer: int) -> np.ndarray:
+        """Row of each canonical expert in `layer` [E]."""
+        return self.row_of_expert[layer if len(self.order) > 1 else 0]
+
+    def mapping(self, layer: int, devices: list[str]) -> dict[str, list[int]]:
+        """`expert_mapping` of one layer: each device's experts, in row order."""
+        per_device = self.order.shape[1] // len(devices)
+        rows = self.rows(layer).reshape(len(devices), per_device)
+        return {device: [int(e) for e in row] for device, row in zip(devices, rows, strict=True)}
 
 
 class TokenSplit(NamedTuple):
@@ -161,7 +186,7 @@ class ParamLayout:
         `from_description(...).from_layout` reads it back into the single-device layout."""
         return {
             "kind": self.KIND,
-            "expert_order": [int(e) for e in self.experts.order],
+            "expert_order": self.experts.order.tolist(),
             "heads_per_device": [int(n) for n in self.heads.heads_per_device],
             "head_dim": int(self.heads.head_dim),
             "vocab_size": int(self.vocab_size),
@@ -174,10 +199,17 @@ class ParamLayout:
         layout = cls.__new__(cls)
         heads = tuple(description["heads_per_device"])
         layout.heads = HeadLayout(heads, max(heads), description["head_dim"])
-        order = np.array(description["expert_order"], np.int32)
-        layout.experts = ExpertOrder(order, np.argsort(order).astype(np.int32))
+        layout.experts = ExpertOrder.of(description["expert_order"])
         layout.vocab_size = description["vocab_size"]
         layout.padded_vocab = description["padded_vocab"]
+        return layout
+
+    @staticmethod
+    def with_expert_order(self, order: np.ndarray) -> ParamLayout:
+        """The same layout with another expert placement ([L, E])."""
+        layout = ParamLayout.__new__(ParamLayout)
+        layout.__dict__.update(self.__dict__)
+        layout.experts = ExpertOrder.of(order)
         return layout
 
     @staticmethod
@@ -209,7 +241,7 @@ class ParamLayout:
         """Canonical leaf -> MA layout (pad heads and vocabulary, permute experts)."""
         path = tuple(map(str, path))
         if self.is_expert(path):
-            return x[self.experts.order]
+            return x[self.experts.rows(layer_of(path))]
         if path[-2] in QKV:
             padded = jnp.concatenate([x, jnp.zeros((x.shape[0], 1), x.dtype)], axis=1)
             return padded[:, self.heads.padded_columns()]
@@ -227,7 +259,7 @@ class ParamLayout:
         """MA-layout leaf -> canonical."""
         path = tuple(map(str, path))
         if self.is_expert(path):
-            return x[self.experts.row_of_expert]
+            return x[self.experts.row_of(layer_of(path))]
         if path[-2] in QKV:
             return x[:, self.heads.real_columns()]
         if path[-2] == "out":
@@ -237,3 +269,9 @@ class ParamLayout:
         if path[-2] == "lm_head":
             return x[:, : self.vocab_size]
         return x
+
+
+def layer_of(path: Path) -> int:
+    """The layer index of a leaf under ("layers", "<l>", ...)."""
+    path = tuple(map(str, path))
+    return int(path[path.index("layers") + 1])

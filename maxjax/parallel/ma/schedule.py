@@ -35,10 +35,13 @@ from maxjax.parallel.ma.layout import (
     INCOMING,
     OUTGOING,
     TOKENS,
+    ExpertOrder,
     ParamLayout,
     TokenSplit,
+    layer_of,
 )
 from maxjax.parallel.ma.stages import (
+    LayerConstants,
     StagePrograms,
     TokenState,
     attention_part,
@@ -54,7 +57,7 @@ from maxjax.parallel.mesh import (
     replicate,
     restrict,
 )
-from maxjax.parallel.runner import Path, Runner, Tree, map_with_path, merge, select
+from maxjax.parallel.runner import Path, Runner, Tree, map_with_path, merge, select, tree_paths
 
 COUNTERS = (
     "attention_to_experts",
@@ -100,9 +103,7 @@ class MARunner(Runner):
         self._programs: dict[TokenSplit, StagePrograms] = {}
         self._gathers: dict[NamedSharding, Any] = {}
         self._constants: dict[tuple, jax.Array] = {}
-        self._expert_rows = jax.device_put(
-            self.experts.order, NamedSharding(self.expert_mesh, P(EXPERT_AXIS))
-        )
+        self._placed_order: dict[int, tuple[jax.Array, dict]] = {}
         self._summarize = jax.jit(functools.partial(summarize, cfg))
         # Called (no arguments) by `value_and_grad` between the forward and the backward sweep,
         # when every stage's saved residuals are alive: a place to measure memory. None: nothing.
@@ -127,6 +128,90 @@ class MARunner(Runner):
     def storage_layout(self) -> dict[str, Any]:
         return self.layout.describe()
 
+    def adopt_storage_layout(self, layout: dict[str, Any]) -> bool:
+        """Take the expert placement of a stored MA layout that differs from this runner's in
+        nothing else (a checkpoint written after the sync loop re-placed experts), so that its
+        arrays restore as they are. False (nothing changed) for any other layout."""
+        mine = self.storage_layout()
+        if layout.get("kind") != mine["kind"] or set(layout) != set(mine):
+            return False
+        if any(layout[k] != mine[k] for k in mine if k != "expert_order"):
+            return False
+        try:
+            order = ExpertOrder.of(layout["expert_order"])
+        except ValueError:
+            return False
+        if order.order.shape != self.experts.order.shape:
+            return False
+        self.set_expert_order(order.order)
+        return True
+
+    def set_expert_order(self, order: np.ndarray) -> None:
+        """Use placement `order` ([L, E], canonical expert of each row) from now on. The
+        parameters must be in it already (`move_experts` moves them and calls this)."""
+        self.layout = self.layout.with_expert_order(order)
+        self.experts = self.layout.experts
+        self._placed_order = {}
+
+    def expert_mapping(self, layer: int) -> dict[str, list[int]]:
+        """Layer `layer`'s experts on each expert device (`expert_mapping` keys)."""
+        return self.experts.mapping(layer, list(self.cfg.ma_separation.moe.expert_mapping))
+
+    def move_experts(self, state: Any, order: np.ndarray) -> tuple[Any, int]:
+        """Re-place the experts: every expert leaf of the parameters and of the AdamW moments
+        goes to its row of `order` ([L, E]), device to device on the expert pool (one jitted
+        gather per leaf, the old arrays donated), and the runner uses `order` from then on.
+        Returns (state, moved bytes): the bytes of the experts that changed device, each
+        expert's weights and both moments counted once."""
+        new = ExpertOrder.of(order)
+        old = self.experts
+        per_device = new.order.shape[1] // len(self.cfg.expert_devices)
+        perms, moved_experts = {}, {}
+        for layer in range(self.num_layers):
+            if np.array_equal(old.rows(layer), new.rows(layer)):
+                continue
+            perms[layer] = old.row_of(layer)[new.rows(layer)]
+            before, after = old.row_of(layer) // per_device, new.row_of(layer) // per_device
+            moved_experts[layer] = int(np.sum(before != after))
+        if not perms:
+            return state, 0
+        pools = self.split_pools(state.params)
+        pools[EXPERT_POOL] = self._permute_experts(pools[EXPERT_POOL], perms)
+        params = merge(*pools.values())
+        opt_state = dict(state.opt_state)
+        opt_state[EXPERT_POOL] = self._permute_experts(opt_state[EXPERT_POOL], perms)
+        self.set_expert_order(new.order)
+        experts = self.split_pools(params)[EXPERT_POOL]
+        moved = 0
+        for path, leaf in tree_paths(experts):
+            layer = layer_of(path)
+            if layer in moved_experts:
+                moved += 3 * moved_experts[layer] * leaf.nbytes // leaf.shape[0]
+        return state._replace(params=params, opt_state=opt_state), moved
+
+    def _permute_experts(self, tree: Tree, perms: dict[int, np.ndarray]) -> Tree:
+        """`tree` with each expert leaf of a layer in `perms` reordered along its expert axis."""
+
+        def names(path: tuple) -> tuple[str, ...]:
+            return tuple(
+                str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path
+            )
+
+        def permute(path: tuple, x: jax.Array) -> jax.Array:
+            keys = names(path)
+            if "layers" not in keys or not self.layout.is_expert(keys):
+                return x
+            layer = layer_of(keys)
+            return x[perms[layer]] if layer in perms else x
+
+        shardings = jax.tree.map(lambda x: x.sharding, tree)
+        move = jax.jit(
+            lambda t: jax.tree_util.tree_map_with_path(permute, t),
+            out_shardings=shardings,
+            donate_argnums=0,
+        )
+        return move(tree)
+
     def abstract_params(self) -> Params:
         """ShapeDtypeStructs (with shardings) of the MA-layout parameters; allocates nothing."""
         canonical = model.abstract_params(self.cfg)
@@ -141,14 +226,27 @@ class MARunner(Runner):
         (`model.InitUnits`): an expert device its experts, an attention device its head slots
         (padded slots zero) and vocabulary rows; the norms and the router on every attention
         device. Nothing is generated whole and then cut or permuted."""
-        return merge(*(self.init_program(pool, seed)() for pool in (ATTENTION_POOL, EXPERT_POOL)))
+        params = merge(*(self.init_program(pool, seed)() for pool in (ATTENTION_POOL, EXPERT_POOL)))
+        configured = ExpertOrder.from_config(self.cfg)
+        if np.array_equal(configured.order, self.experts.order):
+            return params
+        perms = {
+            layer: configured.row_of(layer)[self.experts.rows(layer)]
+            for layer in range(self.num_layers)
+        }
+        pools = self.split_pools(params)
+        pools[EXPERT_POOL] = self._permute_experts(pools[EXPERT_POOL], perms)
+        return merge(*pools.values())
 
     def init_program(self, pool: str, seed: int) -> jax.stages.Wrapped:
         """The jitted program that builds `pool`'s parameters (no arguments; for `lower`)."""
         none = np.zeros((0,), np.int32)
         if pool == EXPERT_POOL:
             mesh, axis = self.expert_mesh, EXPERT_AXIS
-            ids = {"experts": self.experts.order, "heads": none, "vocab": none}
+            order = ExpertOrder.from_config(self.cfg).rows(
+                0
+            )  # `init` moves them if placed otherwise
+            ids = {"experts": order, "heads": none, "vocab": none}
         else:
             mesh, axis = self.attention_mesh, ATTENTION_AXIS
             slots, vocab = self.heads.slot_heads(), np.arange(self.padded_vocab, dtype=np.int32)
@@ -222,6 +320,28 @@ class MARunner(Runner):
             ("head_mask", split),
             lambda: jax.device_put(self.heads.head_mask(), NamedSharding(mesh, P(mesh.axis_names))),
         )
+
+    def _placement(self, depth: int) -> tuple[jax.Array, dict]:
+        """Layer `depth`'s placement on the devices: the canonical expert of each row on the
+        expert pool (dropout masks follow the expert, not the row), and the row of each expert
+        on each split's view of the attention pool (placed on first use). Replaced when the
+        experts move (`set_expert_order`)."""
+        if depth not in self._placed_order:
+            ids = jax.device_put(
+                self.experts.rows(depth), NamedSharding(self.expert_mesh, P(EXPERT_AXIS))
+            )
+            self._placed_order[depth] = (ids, {})
+        return self._placed_order[depth]
+
+    def _expert_ids(self, depth: int) -> jax.Array:
+        return self._placement(depth)[0]
+
+    def _layer_constants(self, split: TokenSplit, depth: int) -> LayerConstants:
+        rows = self._placement(depth)[1]
+        if split not in rows:
+            mesh = self.programs(split).mesh
+            rows[split] = jax.device_put(self.experts.row_of(depth), NamedSharding(mesh, P()))
+        return LayerConstants(self._head_mask(split), rows[split])
 
     def _sequence_ids(self, index: int, size: int) -> jax.Array:
         """Global sequence ids of micro-batch `index` on the expert pool (dropout masks)."""
@@ -345,19 +465,19 @@ class MARunner(Runner):
         size, seq = micro[0].shape
         split = self.token_split(size)
         programs = self.programs(split)
-        head_mask = self._head_mask(split)
         states: list[Any] = [None] * len(micro)
         new_caches = None if caches is None else [[] for _ in micro]
         layers = params["layers"]
         for depth, key in enumerate(sorted(layers, key=int)):
             layer = layers[key]
+            constants = self._layer_constants(split, depth)
             for i, toks in enumerate(micro):
                 cache = () if caches is None else (caches[i][depth], start)
                 if depth == 0:
-                    args = (params["embed"], attention_part(layer), toks, head_mask, *cache)
+                    args = (params["embed"], attention_part(layer), toks, constants, *cache)
                     state, pieces, _, cache = self._run(programs.first, *args)
                 else:
-                    args = (attention_part(layer), *states[i], head_mask, *cache)
+                    args = (attention_part(layer), *states[i], constants, *cache)
                     state, pieces, _, cache = self._run(programs.middle, *args)
                 if new_caches is not None:
                     new_caches[i].append(cache)
@@ -366,7 +486,7 @@ class MARunner(Runner):
                     programs.experts if caches is None else programs.decode_experts,
                     layer["moe"]["experts"],
                     inputs,
-                    self._expert_rows,
+                    self._expert_ids(depth),
                     self._sequence_ids(i, size),
                     None,
                     depth,
@@ -521,7 +641,6 @@ class MARunner(Runner):
         Appends the round's LM losses, and each layer's auxiliary terms to its list."""
         size = micro[0].shape[0]
         programs = self.programs(split)
-        head_mask = self._head_mask(split)
         loss_weight, aux_weight = weights
         layers = params["layers"]
         keys = sorted(layers, key=int)
@@ -533,11 +652,12 @@ class MARunner(Runner):
         expert_kept = [[None] * len(micro) for _ in keys]
         for depth, key in enumerate(keys):
             layer = layers[key]
+            constants = self._layer_constants(split, depth)
             for i, toks in enumerate(micro):
                 if depth == 0:
-                    args = (params["embed"], attention_part(layer), toks[:, :-1], head_mask)
+                    args = (params["embed"], attention_part(layer), toks[:, :-1], constants)
                 else:
-                    args = (attention_part(layer), *states[i], head_mask)
+                    args = (attention_part(layer), *states[i], constants)
                     if remat:
                         self.saved_bytes += device_bytes(states[i])
                 if remat:
@@ -553,7 +673,7 @@ class MARunner(Runner):
                 args = (
                     layer["moe"]["experts"],
                     inputs,
-                    self._expert_rows,
+                    self._expert_ids(depth),
                     self._sequence_ids(first + i, size),
                     rng,
                     depth,
@@ -674,8 +794,8 @@ class MARunner(Runner):
             expert_cotangents=tuple(
                 _wire(incoming, on_experts, False) for _ in range(split.sequence_shards)
             ),
-            head_mask=_like(self._head_mask(split)),
-            expert_rows=_like(self._expert_rows),
+            constants=jax.tree.map(_like, self._layer_constants(split, 0)),
+            expert_rows=_like(self._expert_ids(0)),
             sequence_ids=jax.ShapeDtypeStruct(
                 (batch,), jnp.int32, sharding=NamedSharding(self.expert_mesh, P())
             ),
@@ -691,7 +811,7 @@ class MARunner(Runner):
         programs = self.programs(x.split)
         layer = x.params["layers"][sorted(x.params["layers"], key=int)[-1]]
         attention = programs.middle_vjp.trace(
-            attention_part(layer), x.state, x.received, x.head_mask
+            attention_part(layer), x.state, x.received, x.constants
         ).lower(lowering_platforms=platforms)
         expert = programs.experts_vjp.trace(
             layer["moe"]["experts"], x.expert_inputs, x.expert_rows, x.sequence_ids, None, 0
@@ -720,7 +840,7 @@ class MARunner(Runner):
             key.shape, key.dtype, sharding=NamedSharding(self.expert_mesh, P())
         )
         stage_args = {
-            "first": (params["embed"], attention_part(first_layer), x.tokens, x.head_mask),
+            "first": (params["embed"], attention_part(first_layer), x.tokens, x.constants),
             "experts": (
                 layer["moe"]["experts"],
                 x.expert_inputs,
@@ -731,7 +851,7 @@ class MARunner(Runner):
             ),
         }
         if len(keys) > 1:
-            stage_args["middle"] = (attention_part(layer), x.state, x.received, x.head_mask)
+            stage_args["middle"] = (attention_part(layer), x.state, x.received, x.constants)
         d_state = (x.state.h, x.received_cotangents, x.state.gates, weight)
         cotangents = {"first": d_state, "middle": d_state, "experts": (x.expert_cotangents,)}
         out = {
@@ -788,7 +908,7 @@ class MARunner(Runner):
         first_layer, layer = params["layers"][keys[0]], params["layers"][keys[-1]]
         out = {
             "first": programs.first.lower(
-                params["embed"], attention_part(first_layer), x.tokens, x.head_mask, cache, start
+                params["embed"], attention_part(first_layer), x.tokens, x.constants, cache, start
             ).compile(),
             "experts": programs.decode_experts.lower(
                 layer["moe"]["experts"], x.expert_inputs, x.expert_rows, x.sequence_ids, None, 0
@@ -799,7 +919,7 @@ class MARunner(Runner):
         }
         if len(keys) > 1:
             out["middle"] = programs.middle.lower(
-                attention_part(layer), x.state, x.received, x.head_mask, cache, start
+                attention_part(layer), x.state, x.received, x.constants, cache, start
             ).compile()
         return out
 
@@ -825,7 +945,7 @@ class StageInputs(NamedTuple):
     expert_inputs: tuple  # one wire array [J, E/J, b/G, C, M] per sequence shard, on the experts
     received_cotangents: tuple
     expert_cotangents: tuple
-    head_mask: jax.ShapeDtypeStruct
+    constants: LayerConstants
     expert_rows: jax.ShapeDtypeStruct
     sequence_ids: jax.ShapeDtypeStruct
 

@@ -27,7 +27,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
@@ -64,6 +63,18 @@ class TokenState(NamedTuple):
     expert_row: jax.Array  # [b, S, k] int32
     position: jax.Array  # [b, S, k] int32
     keep: jax.Array  # [b, S, k] bool
+
+
+class LayerConstants(NamedTuple):
+    """A layer's attention-stage inputs that are not activations or weights: which head slots
+    are real, and where each expert lives (the placement, an argument so that re-placing the
+    experts recompiles nothing)."""
+
+    head_mask: jax.Array  # [A * n_max] float32, P(POOL)
+    row_of_expert: jax.Array  # [E] int32, replicated: the row (device order) of each expert
+
+
+CONSTANTS = LayerConstants(P(POOL), P())
 
 
 class LayerOutputs(NamedTuple):
@@ -157,7 +168,6 @@ class StagePrograms:
         self.dtype = compute_dtype(cfg)
         self.inference_cfg = decode.inference_config(cfg)
         self.experts_per_device = cfg.moe.experts_per_layer // split.expert_devices
-        self._row_of_expert = np.asarray(layout.experts.row_of_expert)
         self._build()
 
     # --- wire format -----------------------------------------------------------------------------
@@ -200,14 +210,14 @@ class StagePrograms:
         self,
         layer: Tree,
         x: jax.Array,
-        head_mask: jax.Array,
+        constants: LayerConstants,
         cache: decode.KVCache | None = None,
         start: jax.Array | None = None,
     ) -> tuple[LayerOutputs, LayerExtras]:
         """Attention of this device's heads over the whole micro-batch, then route and dispatch
         this device's sequence shard. x: [b/G, S, M]. With `cache` (this device's keys and values
         [b, T, n_max, D]) and `start`, x sits at positions start.. (decoding, dropless routing)."""
-        seq = x.shape[1]
+        seq, head_mask = x.shape[1], constants.head_mask
         att = layer["attention"]
         weights = ops.AttentionWeights(*(att[name]["kernel"] for name in (*QKV, "out")))
         head_dim = self.layout.heads.head_dim
@@ -229,7 +239,7 @@ class StagePrograms:
         z = ops.rms_norm(h, layer["moe_norm"]["scale"])
         r = ops.route(z, layer["moe"]["router"]["kernel"], self.cfg.moe.top_k, capacity)
         aux = jax.tree.map(lambda a: lax.pmean(a, SEQ), ops.routing_aux(r))
-        rows = jnp.asarray(self._row_of_expert)[r.expert_index]
+        rows = constants.row_of_expert[r.expert_index]
         buffer = ops.dispatch(z, r._replace(expert_index=rows), capacity)
         objective = (
             self.cfg.moe.load_balancing_loss * aux.load_balancing_loss
@@ -301,42 +311,42 @@ class StagePrograms:
         extras = LayerExtras(TOKENS, TOKENS, TOKENS, P(), CACHE if decoding else None)
         return outputs, extras
 
-    def first_stage(self, embed, layer, tokens, head_mask, cache=None, start=None):
+    def first_stage(self, embed, layer, tokens, constants, cache=None, start=None):
         """Layer 0: embedding lookup (vocabulary-split, reduce-scattered onto the sequence
         shards), attention, route, dispatch. tokens [b, S] are replicated."""
 
-        def body(embed, layer, tokens, head_mask, cache, start):
-            return self._layer(layer, self._embed(embed, tokens), head_mask, cache, start)
+        def body(embed, layer, tokens, constants, cache, start):
+            return self._layer(layer, self._embed(embed, tokens), constants, cache, start)
 
         specs = (
             self._specs(embed, ("embed",)),
             self._specs(layer, ("layers", "0")),
             P(),
-            P(POOL),
+            CONSTANTS,
             CACHE,
             P(),
         )
         out_specs = self._layer_out_specs(cache is not None)
-        return self._on_pool(body, specs, out_specs)(embed, layer, tokens, head_mask, cache, start)
+        return self._on_pool(body, specs, out_specs)(embed, layer, tokens, constants, cache, start)
 
-    def middle_stage(self, layer, state, received, head_mask, cache=None, start=None):
+    def middle_stage(self, layer, state, received, constants, cache=None, start=None):
         """Layer l > 0: combine layer l-1's expert outputs, then as `first_stage`."""
 
-        def body(layer, state, received, head_mask, cache, start):
+        def body(layer, state, received, constants, cache, start):
             x = self._combine(state, received)
-            return self._layer(layer, x, head_mask, cache, start)
+            return self._layer(layer, x, constants, cache, start)
 
         specs = (
             self._specs(layer, ("layers", "0")),
             TokenState(*(TOKENS,) * 5),
             (OUTGOING,) * self.split.expert_devices,
-            P(POOL),
+            CONSTANTS,
             CACHE,
             P(),
         )
         out_specs = self._layer_out_specs(cache is not None)
         return self._on_pool(body, specs, out_specs)(
-            layer, state, received, head_mask, cache, start
+            layer, state, received, constants, cache, start
         )
 
     def head_loss(self, head, state, received, targets):
@@ -394,14 +404,14 @@ class StagePrograms:
                 outputs.h, outputs.gates, extras.expert_row, extras.position, extras.keep
             )
 
-        def first(embed, layer, tokens, head_mask, cache=None, start=None):
-            outputs, extras = self.first_stage(embed, layer, tokens, head_mask, cache, start)
+        def first(embed, layer, tokens, constants, cache=None, start=None):
+            outputs, extras = self.first_stage(embed, layer, tokens, constants, cache, start)
             outputs = wire_out(outputs)
             return state_of(outputs, extras), outputs.pieces, extras.aux, extras.cache
 
-        def middle(layer, state, wires, head_mask, cache=None, start=None):
+        def middle(layer, state, wires, constants, cache=None, start=None):
             outputs, extras = self.middle_stage(
-                layer, state, received_in(wires), head_mask, cache, start
+                layer, state, received_in(wires), constants, cache, start
             )
             outputs = wire_out(outputs)
             return state_of(outputs, extras), outputs.pieces, extras.aux, extras.cache
@@ -428,19 +438,19 @@ class StagePrograms:
             last = jax.tree.map(lambda x: x[:, -1:], state)
             return self.head_logits(head, last, received_in(wires))[:, 0]
 
-        def first_vjp(embed, layer, tokens, head_mask):
-            fn = lambda e, lp: self.first_stage(e, lp, tokens, head_mask)
+        def first_vjp(embed, layer, tokens, constants):
+            fn = lambda e, lp: self.first_stage(e, lp, tokens, constants)
             outputs, vjp, extras = jax.vjp(fn, embed, layer, has_aux=True)
             outputs = wire_out(outputs)
             saved = SavedVJP.of(vjp, (embed, layer))
             return (state_of(outputs, extras), outputs.pieces, extras.aux), saved
 
-        def middle_vjp(layer, state, wires, head_mask):
+        def middle_vjp(layer, state, wires, constants):
             ints = state._replace(h=None, gates=None)
 
             def fn(lp, h, gates, received):
                 full = ints._replace(h=h, gates=gates)
-                return self.middle_stage(lp, full, received, head_mask)
+                return self.middle_stage(lp, full, received, constants)
 
             outputs, vjp, extras = jax.vjp(
                 fn, layer, state.h, state.gates, received_in(wires), has_aux=True
@@ -481,12 +491,12 @@ class StagePrograms:
 
         # With gradient checkpointing the forward sweep keeps only each stage's inputs; these
         # programs run the stage's forward again (its VJP) and apply it, in one program.
-        def first_recompute(embed, layer, tokens, head_mask, d_h, d_pieces, d_gates, w, acc):
-            _, saved = first_vjp(embed, layer, tokens, head_mask)
+        def first_recompute(embed, layer, tokens, constants, d_h, d_pieces, d_gates, w, acc):
+            _, saved = first_vjp(embed, layer, tokens, constants)
             return first_backward(saved, (embed, layer), d_h, d_pieces, d_gates, w, acc)
 
-        def middle_recompute(layer, state, wires, head_mask, d_h, d_pieces, d_gates, w, acc):
-            _, saved = middle_vjp(layer, state, wires, head_mask)
+        def middle_recompute(layer, state, wires, constants, d_h, d_pieces, d_gates, w, acc):
+            _, saved = middle_vjp(layer, state, wires, constants)
             return layer_backward(saved, layer, d_h, d_pieces, d_gates, w, acc)
 
         def experts_recompute(params, wires, expert_ids, sequence_ids, rng, depth, d_out, acc):
