@@ -12,8 +12,9 @@ and gradients through the runner, clipping to optimizer.gradient_clipping, AdamW
 cosine). Every step appends one JSON line to DIR/metrics.jsonl; every
 training.validation_interval steps (and at the end) the validation loss and perplexity too.
 Every checkpoint.interval_steps (and at the end) a checkpoint is written in the background.
-With "ma", every ma_separation.synchronization.sync_interval steps that step is measured and a
-sync record follows its line (`maxjax.sync.loop`).
+With "ma", every ma_separation.synchronization.sync_interval steps that step is measured, a
+sync record follows its line, and the experts of layers out of balance are re-placed
+(`maxjax.sync.loop`); the placement is saved with each checkpoint and restored on resume.
 
 Running the same command again continues from the newest complete checkpoint with the same data
 order and dropout keys, so its losses equal those of a run that never stopped; metrics.jsonl
@@ -367,9 +368,11 @@ def train(
                         producer=step,
                     )
                 )
-            synced = (
-                sync.observe(state.step, record["expert_fraction_by_layer"]) if measured else None
-            )
+            synced = None
+            if sync is not None:
+                sync.note_step(record["expert_fraction_by_layer"])
+            if measured:
+                state, synced = sync.observe(state.step, record["expert_fraction_by_layer"], state)
             if state.step % cfg.training.log_interval:
                 record.pop("expert_fraction_by_layer", None)  # [L, E]: every log_interval steps
             record["learning_rate"] = float(lr_at(step))

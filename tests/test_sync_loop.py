@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
-from _train_helpers import records, train_argv, train_losses
+from _train_helpers import FAST, records, train_argv, train_losses
 
 from maxjax import train
 from maxjax.sync import measure
@@ -25,6 +26,13 @@ SYNC_KEYS = (
     "microbatches",
     "applied",
     "seconds",
+    "load_imbalance_before",
+    "imbalance_after",
+    "load_imbalance_after",
+    "previous_load_imbalance_after",
+    "layers_moved",
+    "moved_bytes",
+    "move_seconds",
 )
 
 
@@ -136,9 +144,11 @@ def test_a_trace_without_stage_runs_gives_a_record_not_an_error():
     loop = SyncLoop(cfg, MARunner(cfg))
     with loop.measuring():
         pass
-    record = loop.observe(5, np.full((cfg.model.layers, cfg.moe.experts_per_layer), 1 / 16))
+    even = np.full((cfg.model.layers, cfg.moe.experts_per_layer), 1 / 16)
+    loop.note_step(even)
+    state, record = loop.observe(5, even, state=None)  # even loads: nothing to move
     assert record["samples"] == 0 and "no stage program runs" in record["error"]
-    assert record["step"] == 5 and record["applied"] is False
+    assert record["step"] == 5 and record["applied"] is False and record["moved_bytes"] == 0
     assert loop.predictor is None and loop.linear is None
 
 
@@ -162,7 +172,7 @@ def test_training_with_the_sync_loop_writes_records_and_the_same_losses(tmp_path
     for record in synced:
         assert set(record) == set(SYNC_KEYS), set(record) ^ set(SYNC_KEYS)
         assert record["samples"] == 2 * 4 * 2 * (1 + 4)  # sweeps x layers x micro-batches x (1 + J)
-        assert record["applied"] is False and record["microbatches"] == 2
+        assert record["microbatches"] == 2
         assert 0 <= record["imbalance_before"] < 1 and 0 <= record["pool_imbalance"] < 1
         assert all(t > 0 for t in record["expert_stage_seconds"])
     assert synced[0]["predictor_mape"] is None  # nothing fitted before the first sync point
@@ -173,3 +183,98 @@ def test_training_with_the_sync_loop_writes_records_and_the_same_losses(tmp_path
     assert got.keys() == want.keys() == set(range(1, steps + 1))
     for step, loss in want.items():
         assert abs(got[step] - loss) <= 1e-5 * abs(loss), step
+
+
+def hottest_experts_on_the_first_device(cfg, canonical, tokens):
+    """The same model with its experts renumbered per layer, hottest first (router columns and
+    expert weights together): the function is unchanged, and the router now sends most tokens
+    to experts 0-3, the first expert device's in `expert_mapping`."""
+    from maxjax.parallel import make_runner
+
+    single = make_runner(cfg, "single")
+    metrics, _ = single.value_and_grad(single.from_canonical(canonical), tokens)
+    shares = np.asarray(metrics["expert_fraction_by_layer"])
+    skewed = jax.tree.map(np.array, canonical)
+    for index, layer in skewed["layers"].items():
+        hottest_first = np.argsort(-shares[int(index)], kind="stable")
+        layer["moe"]["router"]["kernel"] = layer["moe"]["router"]["kernel"][:, hottest_first]
+        for name in ("wi", "wo"):
+            layer["moe"]["experts"][name] = layer["moe"]["experts"][name][hottest_first]
+    return skewed
+
+
+@pytest.mark.slow
+def test_the_balancer_evens_a_skewed_router_without_changing_the_step():
+    """A router biased toward the first expert device's experts: the sync loop's re-placement
+    cuts the devices' routed loads (measured over the following steps) to under half their
+    imbalance, moves each expert with its AdamW moments, and leaves the loss and every gradient
+    as they were."""
+    from maxjax import model, optim
+    from maxjax.config import load_config
+    from maxjax.data.pipeline import TokenBatches
+    from maxjax.parallel.ma import MARunner
+    from maxjax.sync import balancer
+    from maxjax.sync.loop import SyncLoop
+
+    cfg = load_config(
+        "configs/tiny.yaml",
+        [
+            *FAST,
+            "training.dtype=float32",
+            "sequence.batch_size=64",
+            "sequence.total_tokens_per_batch=1024",
+            "optimizer.learning_rate=1e-6",  # routing stays as it is: this is about placement
+        ],
+    )
+    data = TokenBatches(cfg, "train")
+    canonical = jax.tree.map(np.asarray, jax.jit(lambda: model.init_params(cfg, 0))())
+    canonical = hottest_experts_on_the_first_device(cfg, canonical, next(data))
+    runner, tx = MARunner(cfg), optim.make_optimizer(cfg)
+    state = runner.init_train_state(runner.from_canonical(canonical), tx)
+    loop = SyncLoop(cfg, runner)
+    devices = len(cfg.expert_devices)
+
+    def device_imbalance(shares):
+        rows = balancer.device_load_rows(shares, runner.experts.order, devices)
+        return np.array([balancer.imbalance(row) for row in rows])
+
+    for _ in range(2):
+        state, metrics = runner.train_step(state, next(data), tx)
+        loop.note_step(np.asarray(metrics["expert_fraction_by_layer"]))
+    skewed = device_imbalance(loop.interval_loads())
+    assert np.all(skewed > 0.5), skewed
+    batch = next(data)
+    before_metrics, before_grads = runner.value_and_grad(state.params, batch)
+    before_grads = runner.gather(before_grads)
+    moments_before = runner.gather(runner.export_train_state(state)["mu"])
+    state, placement = loop.act(state, step=2)
+
+    assert placement["applied"] and placement["layers_moved"] == [0, 1, 2, 3]
+    np.testing.assert_allclose(placement["load_imbalance_before"], skewed)
+    assert np.all(np.array(placement["load_imbalance_after"]) < skewed / 3)
+    assert runner.storage_layout()["expert_order"] != MARunner(cfg).storage_layout()["expert_order"]
+    # Each expert that changed device carries its weights and both moments.
+    per_expert = 3 * 4 * 2 * cfg.model.hidden_dim * cfg.moe.expert_hidden_dim
+    before_order = np.tile(MARunner(cfg).experts.order[0], (cfg.model.layers, 1))
+    changed = (np.argsort(before_order, axis=1) // 4) != (runner.experts.row_of_expert // 4)
+    assert placement["moved_bytes"] == per_expert * changed.sum()
+    for mapping in placement["expert_mapping"]:
+        assert sorted(e for experts in mapping.values() for e in experts) == list(range(16))
+
+    after_metrics, after_grads = runner.value_and_grad(state.params, batch)
+    assert float(after_metrics["loss"]) == pytest.approx(float(before_metrics["loss"]), abs=1e-6)
+    for got, want in zip(
+        jax.tree.leaves(runner.gather(after_grads)), jax.tree.leaves(before_grads), strict=True
+    ):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    moments_after = runner.gather(runner.export_train_state(state)["mu"])
+    for got, want in zip(
+        jax.tree.leaves(moments_after), jax.tree.leaves(moments_before), strict=True
+    ):
+        np.testing.assert_array_equal(got, want)
+
+    for _ in range(4):
+        state, metrics = runner.train_step(state, next(data), tx)
+        loop.note_step(np.asarray(metrics["expert_fraction_by_layer"]))
+    measured = device_imbalance(loop.interval_loads())
+    assert np.all(measured < skewed / 2), (measured, skewed)

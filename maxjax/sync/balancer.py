@@ -8,6 +8,7 @@ ping-pong schedule between the attention and expert pools.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -123,3 +124,50 @@ def plan(
     if stage_times is not None:
         microbatches, _ = choose_microbatches(stage_times, microbatch_candidates, layers)
     return SyncPlan(mapping, microbatches, before, after)
+
+
+def device_load_rows(loads: np.ndarray, order: np.ndarray, devices: int) -> np.ndarray:
+    """Each expert device's summed load per layer [L, J], for loads [L, E] of canonical experts
+    and a placement order [L, E] (canonical expert of each row, device-major)."""
+    loads, order = np.asarray(loads, np.float64), np.asarray(order)
+    by_row = np.take_along_axis(loads, order, axis=1)
+    return by_row.reshape(len(order), devices, -1).sum(-1)
+
+
+def _least_moves(groups: list[tuple[int, ...]], current: np.ndarray) -> list[tuple[int, ...]]:
+    """The expert groups assigned to devices so that as many experts as possible stay where
+    they are (`current` [J, E/J]); every assignment is tried (J! of them, J = expert devices)."""
+    best, kept_best = groups, -1
+    for assignment in itertools.permutations(range(len(groups))):
+        kept = sum(len(set(groups[g]) & set(current[d])) for d, g in enumerate(assignment))
+        if kept > kept_best:
+            best, kept_best = [groups[g] for g in assignment], kept
+    return best
+
+
+def plan_placement(
+    loads: np.ndarray, order: np.ndarray, devices: int, threshold: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A new placement for the layers whose expert devices' loads differ by more than
+    `threshold` (`imbalance`), each re-placed by `rebalance_experts` and kept only where it
+    evens the devices; the others keep their order. The new groups go to the devices that keep
+    the most of their experts, so that as little as possible moves.
+
+    loads [L, E]: each canonical expert's load (e.g. share of routed assignments); order
+    [L, E]: the placement in use. Returns (order [L, E], imbalance before [L], after [L])."""
+    order = np.asarray(order, np.int32)
+    per_device = order.shape[1] // devices
+    before = np.array([imbalance(row) for row in device_load_rows(loads, order, devices)])
+    new_order, after = order.copy(), before.copy()
+    names = [str(d) for d in range(devices)]
+    for layer in np.flatnonzero(before > threshold):
+        groups = list(rebalance_experts(loads[layer], names, per_device).values())
+        current = order[layer].reshape(devices, per_device)
+        placed = _least_moves(groups, current)
+        # A device that keeps its experts keeps their rows too.
+        placed = [c if set(g) == set(c) else g for g, c in zip(placed, current, strict=True)]
+        row = np.array([e for g in placed for e in g], np.int32)
+        balanced = imbalance(device_load_rows(loads[layer][None], row[None], devices)[0])
+        if balanced < before[layer]:
+            new_order[layer], after[layer] = row, balanced
+    return new_order, before, after

@@ -9,11 +9,22 @@ training step under the profiler (`SyncLoop.measuring`), and `SyncLoop.observe` 
    model has seen: `predictor_mape` (the 3-layer MLP) and `linear_mape` (least squares), and
    `decided_by`, the one a decision uses (the MLP where it does at least as well);
 3. refits both models on the samples of the last `WINDOW` sync points;
-4. returns the sync record for metrics.jsonl, with the measured imbalance between the expert
-   devices and between the pools.
+4. re-places the experts (`SyncLoop.act`): per layer, the expert devices' loads are the routed
+   assignments of their experts averaged over the interval's steps (`note_step`); a layer whose
+   devices differ by more than `load_balancing_threshold` gets the balancer's placement
+   (`balancer.plan_placement`), and `MARunner.move_experts` moves its experts with their AdamW
+   moments between the expert devices. The placement changes what runs where, never what is
+   computed (`tests/test_sync_loop.py` compares the losses with and without the loop);
+5. returns the sync record for metrics.jsonl: the measured imbalance of the stage times between
+   the expert devices and between the pools, the load imbalance before and (predicted) after
+   the re-placement per layer, what moved, and the placement in use after it. The next
+   record gives the load imbalance measured over the interval that followed
+   (`previous_load_imbalance_after`).
 
-The balancer does not act on it yet: the expert placement and the micro-batch count stay as
-configured, and the record says so (`expert_mapping`, `microbatches` are the ones in use).
+The micro-batch count stays as configured (`microbatches` in the record is the one in use).
+With fixed capacity buffers an expert device computes every slot whatever the routing, so its
+measured stage time does not follow the placement yet; the loads are the routed assignments
+that a load-following expert stage computes.
 Measuring needs every device's runs in one trace, so the loop runs in single-process runs only.
 The trace format is the one of JAX's CPU client (each operation with `device_ordinal` and
 `run_id`); a trace without such runs (another backend) gives a record with `"samples": 0` and
@@ -35,7 +46,7 @@ import jax
 import numpy as np
 
 from maxjax.config import Config
-from maxjax.sync import measure
+from maxjax.sync import balancer, measure
 from maxjax.sync.predictor import fit, fit_linear, held_out_scores, init_predictor
 
 WINDOW = 4  # sync points whose samples the models are fitted on
@@ -55,6 +66,52 @@ class SyncLoop:
         self.linear = None
         self._key = jax.random.key(cfg.training.seed)
         self._trace_dir: str | None = None
+        self.threshold = cfg.ma_separation.synchronization.load_balancing_threshold
+        self._load_sum: np.ndarray | None = None
+        self._load_steps = 0
+        self._last: dict[str, Any] | None = None  # step and predicted imbalance of the last act
+
+    def note_step(self, expert_fraction_by_layer: np.ndarray) -> None:
+        """Add a step's per-layer expert shares [L, E] to the interval's loads."""
+        fractions = np.asarray(expert_fraction_by_layer, np.float64)
+        self._load_sum = fractions if self._load_sum is None else self._load_sum + fractions
+        self._load_steps += 1
+
+    def interval_loads(self) -> np.ndarray:
+        """Each canonical expert's share of the routed assignments per layer [L, E], averaged
+        over the steps since the last sync point."""
+        return self._load_sum / max(self._load_steps, 1)
+
+    def act(self, state: Any, step: int) -> tuple[Any, dict[str, Any]]:
+        """Step 4 of the module docstring: re-place the experts of the layers out of balance.
+        Returns (state, the record's placement keys)."""
+        start = time.perf_counter()
+        runner, devices = self.runner, len(self.expert_devices)
+        loads = self.interval_loads()
+        order, before, after = balancer.plan_placement(
+            loads, runner.experts.order, devices, self.threshold
+        )
+        previous = None
+        if self._last is not None:
+            previous = {
+                "step": self._last["step"],
+                "predicted": self._last["predicted"],
+                "measured": before.tolist(),
+            }
+        state, moved = runner.move_experts(state, order)
+        self._last = {"step": step, "predicted": after.tolist()}
+        self._load_sum, self._load_steps = None, 0
+        return state, {
+            "load_imbalance_before": before.tolist(),
+            "imbalance_after": float(after.max()),
+            "load_imbalance_after": after.tolist(),
+            "previous_load_imbalance_after": previous,
+            "layers_moved": [int(layer) for layer in np.flatnonzero(after < before)],
+            "moved_bytes": int(moved),
+            "expert_mapping": [runner.expert_mapping(layer) for layer in range(len(order))],
+            "applied": moved > 0,
+            "move_seconds": time.perf_counter() - start,
+        }
 
     def due(self, step: int) -> bool:
         """Whether the step that ends at `step` is measured."""
@@ -86,15 +143,14 @@ class SyncLoop:
         rounds = runner.microbatches * runner.accumulation
         sequences = cfg.sequence.batch_size // rounds
         per_device = cfg.moe.experts_per_layer // len(self.expert_devices)
-        order = np.asarray(runner.experts.order)
-        assignments_per_expert = (
+        assignments = balancer.device_load_rows(
             np.asarray(expert_fraction_by_layer, np.float64)
             * sequences
             * cfg.sequence.length
-            * cfg.moe.top_k
+            * cfg.moe.top_k,
+            runner.experts.order,
+            len(self.expert_devices),
         )
-        by_row = assignments_per_expert[:, order]  # expert-device order
-        assignments = by_row.reshape(by_row.shape[0], -1, per_device).sum(-1)
         return measure.stage_samples(
             runs,
             attention_devices=[d.id for d in runner.attention_devices],
@@ -109,19 +165,23 @@ class SyncLoop:
             assignments=assignments,
         )
 
-    def observe(self, step: int, expert_fraction_by_layer: np.ndarray) -> dict[str, Any]:
-        """Steps 1-4 of the module docstring for the step just measured; its sync record."""
+    def observe(
+        self, step: int, expert_fraction_by_layer: np.ndarray, state: Any
+    ) -> tuple[Any, dict[str, Any]]:
+        """Steps 1-5 of the module docstring for the step just measured (its shares already
+        noted): (the state, re-placed where the balancer acted, and the sync record)."""
         start = time.perf_counter()
         new = self.samples(expert_fraction_by_layer)
+        state, placement = self.act(state, step)
         if not len(new.times):
             # Traces of other backends may name devices and executions differently: say so in
             # the record and go on training.
-            return {
+            return state, {
                 "event": "sync",
                 "step": step,
                 "samples": 0,
                 "error": "the profiler trace held no stage program runs with a device ordinal",
-                "applied": False,
+                **placement,
                 "seconds": time.perf_counter() - start,
             }
         scores: dict[str, Any] = {"predictor_mape": None, "linear_mape": None, "decided_by": None}
@@ -144,7 +204,7 @@ class SyncLoop:
         devices = len(self.expert_devices)
         measured = measure.measured_imbalance(new, devices)
         experts = new.device >= 0
-        return {
+        return state, {
             "event": "sync",
             "step": step,
             "imbalance_before": measured["experts"],
@@ -155,11 +215,7 @@ class SyncLoop:
             ],
             "samples": len(new.times),
             **scores,
-            "expert_mapping": {
-                device: list(experts)
-                for device, experts in self.cfg.ma_separation.moe.expert_mapping.items()
-            },
+            **placement,
             "microbatches": self.runner.microbatches,
-            "applied": False,
             "seconds": time.perf_counter() - start,
         }

@@ -204,7 +204,6 @@ class ParamLayout:
         layout.padded_vocab = description["padded_vocab"]
         return layout
 
-    @staticmethod
     def with_expert_order(self, order: np.ndarray) -> ParamLayout:
         """The same layout with another expert placement ([L, E])."""
         layout = ParamLayout.__new__(ParamLayout)
