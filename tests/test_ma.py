@@ -170,6 +170,10 @@ def test_placement_follows_head_distribution_and_permuted_expert_mapping(
         assert not any("experts" in leaf for leaf in report.leaves_per_device[d])
     for d in cfg.expert_devices:
         assert all("experts" in leaf for leaf in report.leaves_per_device[d])
+        for placed in report.expert_placement:
+            assert placed[d] == list(cfg.experts_of_device(d))
+    first = cfg.expert_devices[0]
+    assert f"experts L0 {list(cfg.experts_of_device(first))}" in report.format()
 
     logits = np.asarray(runner.forward(params, tokens[:, :-1]))
     scale = np.abs(reference["logits"]).max()

@@ -163,3 +163,28 @@ def test_features_far_outside_the_fit_give_bounded_times():
     far = jnp.asarray([[6000.0, 8.0], [60.0, 800.0], [0.5, 0.0]], jnp.float32)
     predicted = np.asarray(sync.predict(predictor, far))
     assert np.all(predicted > times.min() / 10) and np.all(predicted < times.max() * 10), predicted
+
+
+def test_plan_placement_evens_the_layers_out_of_balance_and_moves_little():
+    """Layer 0 is balanced and keeps its order; in layer 1 the first device holds the four
+    hot experts: each device gets one, and a device whose experts stay keeps its rows."""
+    from maxjax.sync.balancer import device_load_rows, imbalance, plan_placement
+
+    order = np.tile(np.arange(16, dtype=np.int32), (2, 1))
+    loads = np.full((2, 16), 1 / 16)
+    loads[1] = [0.1] * 4 + [0.05] * 12
+    new, before, after = plan_placement(loads, order, devices=4, threshold=0.05)
+    np.testing.assert_array_equal(new[0], order[0])
+    assert before[0] == after[0] == pytest.approx(0.0)
+    assert before[1] == pytest.approx(0.5) and after[1] == pytest.approx(0.0, abs=1e-12)
+    rows = device_load_rows(loads, new, 4)
+    assert imbalance(rows[1]) == pytest.approx(after[1])
+    hot_device = new[1].reshape(4, 4)
+    assert [len(set(group) & {0, 1, 2, 3}) for group in hot_device] == [1, 1, 1, 1]
+    assert sorted(new[1]) == list(range(16))
+    # Of the moves that even the devices, one keeping an expert on the first device is chosen.
+    assert set(hot_device[0]) & set(range(4))
+    # Below the threshold nothing changes.
+    same, _, unchanged = plan_placement(loads, order, devices=4, threshold=0.9)
+    np.testing.assert_array_equal(same, order)
+    np.testing.assert_array_equal(unchanged, before)

@@ -154,30 +154,51 @@ def test_a_trace_without_stage_runs_gives_a_record_not_an_error():
 
 @pytest.mark.slow
 def test_training_with_the_sync_loop_writes_records_and_the_same_losses(tmp_path):
-    """MA training with sync_interval=3 writes a sync record after steps 3 and 6, the second
-    with held-out errors of both time models, and logs the losses of the same run with the
-    loop off."""
+    """MA training with sync_interval=2 writes a sync record after steps 2, 4 and 6 (the second
+    with held-out errors of both time models), re-places experts, and logs the losses of the
+    same run with the loop off, also across a resume from the checkpoint of step 4, which holds
+    the placement of the sync point at step 4 and restores it."""
+    from maxjax import model
+    from maxjax.checkpoint import CheckpointStore, restore_target
+    from maxjax.config import load_config
+    from maxjax.parallel.ma import MARunner
+
     steps, on, off = 6, tmp_path / "on", tmp_path / "off"
-    for directory, interval in ((on, 3), (off, 0)):
-        argv = train_argv(
-            directory,
-            steps,
-            "training.dtype=float32",
-            f"ma_separation.synchronization.sync_interval={interval}",
-            strategy="ma",
-        )
-        assert train.main([*argv, "--no-checkpoint"]) == 0
+    extra = ("training.dtype=float32", "checkpoint.interval_steps=4")
+    argv = train_argv(off, steps, *extra, strategy="ma")
+    assert train.main([*argv, "--no-checkpoint"]) == 0
+    interval = "ma_separation.synchronization.sync_interval=2"
+    assert train.main(train_argv(on, 4, *extra, interval, strategy="ma")) == 0
+    assert train.main(train_argv(on, steps, *extra, interval, strategy="ma")) == 0
+
     synced = [r for r in records(on) if r.get("event") == "sync"]
-    assert [r["step"] for r in synced] == [3, 6]
+    assert [r["step"] for r in synced] == [2, 4, 6]
     for record in synced:
         assert set(record) == set(SYNC_KEYS), set(record) ^ set(SYNC_KEYS)
         assert record["samples"] == 2 * 4 * 2 * (1 + 4)  # sweeps x layers x micro-batches x (1 + J)
         assert record["microbatches"] == 2
         assert 0 <= record["imbalance_before"] < 1 and 0 <= record["pool_imbalance"] < 1
         assert all(t > 0 for t in record["expert_stage_seconds"])
+        assert len(record["expert_mapping"]) == 4 and len(record["load_imbalance_after"]) == 4
     assert synced[0]["predictor_mape"] is None  # nothing fitted before the first sync point
     assert synced[1]["predictor_mape"] >= 0 and synced[1]["linear_mape"] >= 0
     assert synced[1]["decided_by"] in ("predictor", "linear")
+    assert synced[1]["previous_load_imbalance_after"]["step"] == 2
+    assert synced[2]["previous_load_imbalance_after"] is None  # models and loads: in memory
+    # A random router is out of balance by more than 5%: the loop moved experts at step 4,
+    # and the checkpoint of step 4 holds that placement; a fresh runner takes it on restore.
+    assert synced[1]["applied"] and synced[1]["moved_bytes"] > 0
+    cfg = load_config("configs/tiny.yaml", [*FAST, *extra, interval])
+    runner = MARunner(cfg)
+    configured = runner.storage_layout()["expert_order"]
+    restore_on = CheckpointStore(on)
+    _, _, meta, _ = restore_on.restore(
+        model.abstract_params(cfg), step=4, target=restore_target(runner)
+    )
+    restore_on.close()
+    order = [[e for d in mapping.values() for e in d] for mapping in synced[1]["expert_mapping"]]
+    assert meta["layout"]["expert_order"] == order != configured
+    assert runner.storage_layout()["expert_order"] == order
     assert not [r for r in records(off) if r.get("event") == "sync"]
     got, want = dict(train_losses(on)), dict(train_losses(off))
     assert got.keys() == want.keys() == set(range(1, steps + 1))
@@ -258,8 +279,10 @@ def test_the_balancer_evens_a_skewed_router_without_changing_the_step():
     before_order = np.tile(MARunner(cfg).experts.order[0], (cfg.model.layers, 1))
     changed = (np.argsort(before_order, axis=1) // 4) != (runner.experts.row_of_expert // 4)
     assert placement["moved_bytes"] == per_expert * changed.sum()
-    for mapping in placement["expert_mapping"]:
+    report = runner.layout_report(state.params)
+    for mapping, placed in zip(placement["expert_mapping"], report.expert_placement, strict=True):
         assert sorted(e for experts in mapping.values() for e in experts) == list(range(16))
+        assert list(mapping.values()) == list(placed.values())
 
     after_metrics, after_grads = runner.value_and_grad(state.params, batch)
     assert float(after_metrics["loss"]) == pytest.approx(float(before_metrics["loss"]), abs=1e-6)

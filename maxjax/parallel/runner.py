@@ -133,15 +133,24 @@ class LayoutReport:
     strategy: str
     bytes_per_device: dict[int, int]
     leaves_per_device: dict[int, list[str]]
+    # MA: each layer's experts on each expert device ({device id: experts}, one per layer)
+    expert_placement: list[dict[int, list[int]]] | None = None
 
     def format(self) -> str:
         lines = [f"parameter layout of strategy {self.strategy!r}:"]
         for device in sorted(self.bytes_per_device):
             leaves = self.leaves_per_device[device]
-            lines.append(
+            line = (
                 f"  device {device:2d}: {self.bytes_per_device[device] / 2**20:10.2f} MiB "
                 f"in {len(leaves)} arrays"
             )
+            if self.expert_placement and device in self.expert_placement[0]:
+                experts = "; ".join(
+                    f"L{layer} {list(placed[device])}"
+                    for layer, placed in enumerate(self.expert_placement)
+                )
+                line += f", experts {experts}"
+            lines.append(line)
         return "\n".join(lines)
 
 

@@ -153,6 +153,16 @@ class MARunner(Runner):
         self.experts = self.layout.experts
         self._placed_order = {}
 
+    def layout_report(self, params: Params) -> Any:
+        """Bytes and arrays per device, and each layer's experts on each expert device."""
+        report = super().layout_report(params)
+        devices = [jax.devices().index(d) for d in self.expert_mesh.devices.flat]
+        report.expert_placement = [
+            dict(zip(devices, self.expert_mapping(layer).values(), strict=True))
+            for layer in range(self.num_layers)
+        ]
+        return report
+
     def expert_mapping(self, layer: int) -> dict[str, list[int]]:
         """Layer `layer`'s experts on each expert device (`expert_mapping` keys)."""
         return self.experts.mapping(layer, list(self.cfg.ma_separation.moe.expert_mapping))
