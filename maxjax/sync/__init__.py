@@ -2,19 +2,22 @@
 
 `predictor`: a 3-layer MLP from stage features to stage times, refit on measured times, and the
 linear least-squares model it is scored against on held-out measurements.
-`balancer`: measures imbalance and proposes a new expert placement and micro-batch count when it
-exceeds `load_balancing_threshold`. Both are pure functions of arrays.
+`balancer`: measures imbalance and plans a new expert placement (per layer: `plan_placement`) and
+micro-batch count when it exceeds `load_balancing_threshold`. Both are pure functions of arrays.
 `measure`: stage times and their features from a profiler trace of a training step.
-`loop`: the training run's sync loop (`SyncLoop`): measure a step, score and refit the models.
+`loop`: the training run's sync loop (`SyncLoop`): measure a step, score and refit the models,
+re-place the experts of layers out of balance.
 """
 
 from maxjax.sync.balancer import (
     SyncPlan,
     choose_microbatches,
+    device_load_rows,
     device_loads,
     imbalance,
     pingpong_layer_time,
     plan,
+    plan_placement,
     rebalance_experts,
 )
 from maxjax.sync.predictor import (
@@ -34,6 +37,7 @@ __all__ = [
     "Predictor",
     "SyncPlan",
     "choose_microbatches",
+    "device_load_rows",
     "device_loads",
     "fit",
     "fit_linear",
@@ -43,6 +47,7 @@ __all__ = [
     "mape",
     "pingpong_layer_time",
     "plan",
+    "plan_placement",
     "predict",
     "predict_linear",
     "rebalance_experts",
