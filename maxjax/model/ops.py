@@ -280,6 +280,27 @@ def combine(expert_out: jax.Array, r: Routing) -> jax.Array:
     )
 
 
+def dropout_row_keys(
+    key: jax.Array, expert_ids: jax.Array, sequence_ids: jax.Array, capacity: int
+) -> jax.Array:
+    """The dropout key of every buffer row [E, B, C]: a function of (key, expert id, sequence
+    id, slot), so that any subset of rows draws its masks alone (`expert_ffn_filled_slots`)."""
+    slots = jnp.arange(capacity, dtype=jnp.int32)
+
+    def of(e: jax.Array, b: jax.Array) -> jax.Array:
+        k = jax.random.fold_in(jax.random.fold_in(key, e), b)
+        return jax.vmap(lambda c: jax.random.fold_in(k, c))(slots)
+
+    return jax.vmap(lambda e: jax.vmap(lambda b: of(e, b))(sequence_ids))(expert_ids)
+
+
+def _row_keep_mask(row_keys: jax.Array, rate: float, hidden: int) -> jax.Array:
+    """Keep-mask [..., H] of rows with keys [...]."""
+    flat = row_keys.reshape(-1)
+    keep = jax.vmap(lambda k: jax.random.bernoulli(k, 1.0 - rate, (hidden,)))(flat)
+    return keep.reshape(*row_keys.shape, hidden)
+
+
 def expert_dropout_keep_mask(
     key: jax.Array,
     rate: float,
@@ -288,17 +309,20 @@ def expert_dropout_keep_mask(
     capacity: int,
     hidden: int,
 ) -> jax.Array:
-    """Keep-mask [E, B, C, H] for expert dropout, a function of (key, expert id, sequence id).
+    """Keep-mask [E, B, C, H] for expert dropout, a function of (key, expert id, sequence id,
+    slot).
 
-    Drawing per (expert, sequence) makes the mask independent of how experts and sequences are
-    spread over devices or micro-batches, so every strategy drops the same units.
+    Drawing per row makes the mask independent of how experts and sequences are spread over
+    devices or micro-batches, and of which rows are computed, so every strategy drops the
+    same units.
     """
+    return _row_keep_mask(dropout_row_keys(key, expert_ids, sequence_ids, capacity), rate, hidden)
 
-    def one(e: jax.Array, b: jax.Array) -> jax.Array:
-        k = jax.random.fold_in(jax.random.fold_in(key, e), b)
-        return jax.random.bernoulli(k, 1.0 - rate, (capacity, hidden))
 
-    return jax.vmap(lambda e: jax.vmap(lambda b: one(e, b))(sequence_ids))(expert_ids)
+def _dropped(hidden: jax.Array, keep: jax.Array | None, rate: float) -> jax.Array:
+    if keep is None:
+        return hidden
+    return jnp.where(keep, hidden / (1.0 - rate), 0.0).astype(hidden.dtype)
 
 
 def expert_ffn(
@@ -326,7 +350,7 @@ def expert_ffn(
         keep = expert_dropout_keep_mask(
             dropout_key, dropout_rate, expert_ids, sequence_ids, capacity, wi.shape[-1]
         )
-        hidden = jnp.where(keep, hidden / (1.0 - dropout_rate), 0.0).astype(hidden.dtype)
+        hidden = _dropped(hidden, keep, dropout_rate)
     return matmul("ebch,ehm->ebcm", hidden, wo, dtype)
 
 
@@ -361,19 +385,26 @@ def expert_ffn_filled_slots(
     wo: jax.Array,
     tile_rows: int,
     dtype: jnp.dtype = jnp.float32,
+    dropout_key: jax.Array | None = None,
+    dropout_rate: float = 0.0,
+    expert_ids: jax.Array | None = None,
+    sequence_ids: jax.Array | None = None,
 ) -> jax.Array:
-    """`expert_ffn` (no dropout) computing only the slots in use: [E, B, C, M] -> [E, B, C, M].
+    """`expert_ffn` computing only the slots in use: [E, B, C, M] -> [E, B, C, M].
 
     The filled rows of each expert are packed into tiles of `tile_rows` rows (a tile holds one
     expert's rows), and a loop over the tiles runs the FFN on those that hold rows and skips the
     rest, so the work is that of the filled slots rounded up to whole tiles per expert, whatever
-    the capacity. Shapes are static (one program for every routing). Dropless routing fills one
-    slot in E/k; this is what decoding uses. Empty slots come back zero, as in `expert_ffn`.
+    the capacity: an expert device whose experts are cold does less. Shapes are static (one
+    program for every routing). Dropout draws each computed row's mask from its own key
+    (`dropout_row_keys`), the mask `expert_ffn` uses. Differentiable: the backward pass loops
+    over the same tiles, adding each tile's weight gradient into its expert's slice. Empty
+    slots come back zero, as in `expert_ffn`.
     """
     num_experts, batch, capacity, model_dim = buffer.shape
     rows = batch * capacity
     num_tiles = -(-num_experts * rows // tile_rows) + num_experts
-    counts = filled_slot_counts(buffer)  # [E, B]
+    counts = jax.lax.stop_gradient(filled_slot_counts(buffer))  # [E, B]
     per_expert = jnp.sum(counts, axis=1)
     padded = -(-per_expert // tile_rows) * tile_rows
     expert_start = jnp.cumsum(padded) - padded
@@ -393,22 +424,83 @@ def expert_ffn_filled_slots(
         jnp.sum(tile_start[:, None] >= expert_end[None, :], axis=1), num_experts - 1
     )
     active = jnp.arange(num_tiles) < filled_tiles(counts, tile_rows)
-
-    def ffn(x: jax.Array, e: jax.Array) -> jax.Array:
-        w_in = jax.lax.dynamic_index_in_dim(wi, e, keepdims=False)
-        w_out = jax.lax.dynamic_index_in_dim(wo, e, keepdims=False)
-        return matmul("th,hm->tm", jax.nn.gelu(matmul("tm,mh->th", x, w_in, dtype)), w_out, dtype)
-
-    def one_tile(_: None, xs: tuple) -> tuple[None, jax.Array]:
-        x, e, on = xs
-        y = jax.lax.cond(on, ffn, lambda x, e: jnp.zeros_like(x, jnp.float32), x, e)
-        return None, y
-
-    _, out = jax.lax.scan(one_tile, None, (tiles, tile_expert, active))
+    tile_keys = None
+    if dropout_key is not None and dropout_rate > 0.0:
+        if expert_ids is None:
+            expert_ids = jnp.arange(num_experts)
+        if sequence_ids is None:
+            sequence_ids = jnp.arange(batch)
+        keys = dropout_row_keys(dropout_key, expert_ids, sequence_ids, capacity).reshape(-1)
+        keys = jnp.concatenate([keys, keys[:1]])  # the padding rows' (their rows are zero)
+        tile_keys = keys[source].reshape(num_tiles, tile_rows)
+    out = _tiles_ffn(tiles, wi, wo, tile_expert, active, tile_keys, dropout_rate, dtype)
     out = jnp.concatenate(
         [out.reshape(num_tiles * tile_rows, model_dim), jnp.zeros((1, model_dim))]
     )
     return out[packed_row].reshape(buffer.shape)
+
+
+def _tile_ffn(
+    x: jax.Array,
+    w_in: jax.Array,
+    w_out: jax.Array,
+    keys: jax.Array | None,
+    rate: float,
+    dtype: jnp.dtype,
+) -> jax.Array:
+    """One expert's FFN on one tile x[t, M] (dropout from the rows' keys), as `expert_ffn`."""
+    hidden = jax.nn.gelu(matmul("tm,mh->th", x, w_in, dtype))
+    keep = None if keys is None else _row_keep_mask(keys, rate, w_in.shape[-1])
+    return matmul("th,hm->tm", _dropped(hidden, keep, rate), w_out, dtype)
+
+
+def _tile_weights(wi: jax.Array, wo: jax.Array, e: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return (
+        jax.lax.dynamic_index_in_dim(wi, e, keepdims=False),
+        jax.lax.dynamic_index_in_dim(wo, e, keepdims=False),
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _tiles_ffn(tiles, wi, wo, tile_expert, active, tile_keys, rate, dtype):
+    """`_tile_ffn` on every active tile [T, t, M] (zeros for the others), one tile at a time."""
+
+    def one(_: None, xs: tuple) -> tuple[None, jax.Array]:
+        x, e, on, keys = xs
+        compute = lambda x: _tile_ffn(x, *_tile_weights(wi, wo, e), keys, rate, dtype)  # noqa: E731
+        return None, jax.lax.cond(on, compute, lambda x: jnp.zeros_like(x, jnp.float32), x)
+
+    return jax.lax.scan(one, None, (tiles, tile_expert, active, tile_keys))[1]
+
+
+def _tiles_ffn_fwd(tiles, wi, wo, tile_expert, active, tile_keys, rate, dtype):
+    out = _tiles_ffn(tiles, wi, wo, tile_expert, active, tile_keys, rate, dtype)
+    return out, (tiles, wi, wo, tile_expert, active, tile_keys)
+
+
+def _tiles_ffn_bwd(rate, dtype, saved, d_out):
+    """The active tiles again: each tile's VJP, its weight gradients added into its expert's
+    slice of the sums (carried through the loop, so a tile touches only its expert's rows)."""
+    tiles, wi, wo, tile_expert, active, tile_keys = saved
+
+    def one(sums: tuple, xs: tuple) -> tuple[tuple, jax.Array]:
+        x, e, on, keys, d_y = xs
+
+        def compute(sums: tuple) -> tuple[tuple, jax.Array]:
+            w_in, w_out = _tile_weights(wi, wo, e)
+            _, vjp = jax.vjp(lambda x, a, b: _tile_ffn(x, a, b, keys, rate, dtype), x, w_in, w_out)
+            d_x, d_in, d_w_out = vjp(d_y)
+            d_wi, d_wo = sums
+            return (d_wi.at[e].add(d_in), d_wo.at[e].add(d_w_out)), d_x
+
+        return jax.lax.cond(on, compute, lambda sums: (sums, jnp.zeros_like(x)), sums)
+
+    zeros = (jnp.zeros_like(wi), jnp.zeros_like(wo))
+    (d_wi, d_wo), d_tiles = jax.lax.scan(one, zeros, (tiles, tile_expert, active, tile_keys, d_out))
+    return d_tiles, d_wi, d_wo, None, None, None
+
+
+_tiles_ffn.defvjp(_tiles_ffn_fwd, _tiles_ffn_bwd)
 
 
 class RoutingAux(NamedTuple):

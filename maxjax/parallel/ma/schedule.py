@@ -987,7 +987,7 @@ def device_bytes(tree: Any) -> int:
 
 @functools.lru_cache(maxsize=1024)
 def _leaf_device_bytes(shape: tuple, dtype: Any, sharding: jax.sharding.Sharding) -> int:
-    shard = math.prod(sharding.shard_shape(shape)) * np.dtype(dtype).itemsize
+    shard = math.prod(sharding.shard_shape(shape)) * dtype.itemsize  # key arrays too
     return shard * len(sharding.addressable_devices)
 
 

@@ -269,29 +269,32 @@ class StagePrograms:
         expert_ids: jax.Array,
         sequence_ids: jax.Array,
         key: jax.Array | None,
-        filled_only: bool = False,
+        decoding: bool = False,
     ) -> tuple[jax.Array, ...]:
         """This expert device's FFNs on the pieces of every sequence shard, [1, E/J, b/G, C, M]
-        each, returned as pieces of the same shapes. `filled_only` (decoding, dropless routing:
-        capacity = sequence length): compute only the slots in use."""
+        each, returned as pieces of the same shapes. Only the slots in use are computed
+        (`ops.expert_ffn_filled_slots`), so the device's work follows the tokens its experts
+        serve. Training: tiles of about a quarter of an expert's capacity rows; `decoding`
+        (dropless routing: capacity = sequence length, no dropout): tiles of a balanced
+        expert's rows."""
         buffer = jnp.concatenate([x[0] for x in inputs], axis=1)
-        if filled_only:
-            _, seqs, capacity, _ = buffer.shape
+        _, seqs, capacity, _ = buffer.shape
+        if decoding:
             tile = decode.decode_tile_rows(self.cfg, seqs * capacity)
-            out = ops.expert_ffn_filled_slots(
-                buffer, experts["wi"], experts["wo"], tile, self.dtype
-            )
+            key = None
         else:
-            out = ops.expert_ffn(
-                buffer,
-                experts["wi"],
-                experts["wo"],
-                self.dtype,
-                key,
-                self.cfg.moe.expert_dropout,
-                expert_ids,
-                sequence_ids,
-            )
+            tile = training_tile_rows(seqs * capacity)
+        out = ops.expert_ffn_filled_slots(
+            buffer,
+            experts["wi"],
+            experts["wo"],
+            tile,
+            self.dtype,
+            key,
+            self.cfg.moe.expert_dropout,
+            expert_ids,
+            sequence_ids,
+        )
         return tuple(
             out[None, :, i * x.shape[2] : (i + 1) * x.shape[2]] for i, x in enumerate(inputs)
         )
@@ -375,10 +378,10 @@ class StagePrograms:
         logits = self._on_pool(body, specs, P(None, None, POOL))(head, state, received)
         return logits[..., : self.layout.vocab_size]
 
-    def expert_stage(self, experts, inputs, expert_ids, sequence_ids, key, filled_only=False):
+    def expert_stage(self, experts, inputs, expert_ids, sequence_ids, key, decoding=False):
         specs = (P(EXPERT_AXIS), (INCOMING,) * len(inputs), P(EXPERT_AXIS), P(), P())
         return jax.shard_map(
-            functools.partial(self._experts, filled_only=filled_only),
+            functools.partial(self._experts, decoding=decoding),
             mesh=self.expert_mesh,
             in_specs=specs,
             out_specs=(INCOMING,) * len(inputs),
@@ -522,6 +525,14 @@ class StagePrograms:
         self.first_recompute = jax.jit(first_recompute, donate_argnums=(8,))
         self.middle_recompute = jax.jit(middle_recompute, donate_argnums=(8,))
         self.experts_recompute = jax.jit(experts_recompute, donate_argnums=(7,))
+
+
+def training_tile_rows(capacity_rows: int) -> int:
+    """Tile height of the training expert stage for experts of `capacity_rows` slots each: the
+    largest power of two up to a quarter of them, in [1, 1024], so that a full expert takes about
+    four tiles (few loop iterations), a cold one none or one."""
+    quarter = max(1, capacity_rows // 4)
+    return int(min(1024, 1 << (quarter.bit_length() - 1)))
 
 
 def _accumulate(acc: Tree | None, grads: Tree) -> Tree:
