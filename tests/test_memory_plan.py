@@ -22,7 +22,9 @@ from maxjax.config import with_overrides
 from maxjax.parallel import make_runner
 from maxjax.perf import memory
 
-TOLERANCE = 0.2
+# Measured deviations are under 0.1% (the plan reads the same shapes and XLA's own temp sizes);
+# 5% keeps the checks below able to see a missing part of the size of the residuals.
+TOLERANCE = 0.05
 
 
 def live_buffers() -> dict[tuple[int, int], tuple[int, int]]:
@@ -148,12 +150,18 @@ def test_ma_plan_matches_a_training_step(tiny_two_layers, remat):
     plan = memory.plan(cfg, "ma", runner=runner, tx=tx)
     for name, live in measured.items():
         assert_close(live + temps[name], plan.phase(name).total, name)
-    # The residuals weigh on the expert pool between the sweeps: the check has teeth there.
-    # Recomputing, the experts keep only their input pieces.
-    experts = [i for i, pool in enumerate(plan.pools) if pool == "experts"]
+    # The residuals weigh on the attention pool between the sweeps (over 10% of its total):
+    # a plan without them would fail the check above. The expert stage saves only its packed
+    # input rows (its backward recomputes the hidden activations), and recomputing, every stage
+    # keeps only its inputs.
     forward = plan.phase("forward end").parts
-    share = 0.0 if remat else 0.2
-    assert (forward["residuals"][experts] > share * forward["parameters"][experts]).all()
+    for pool in ("attention", "experts"):
+        devices = [i for i, name in enumerate(plan.pools) if name == pool]
+        assert devices and (forward["residuals"][devices] > 0).all(), pool
+    attention = [i for i, name in enumerate(plan.pools) if name == "attention"]
+    if not remat:
+        total = plan.phase("forward end").total[attention]
+        assert (forward["residuals"][attention] > TOLERANCE * total).all()
 
 
 def test_tp_pp_plan_matches_a_training_step(tiny_two_layers):

@@ -206,24 +206,6 @@ def test_training_with_the_sync_loop_writes_records_and_the_same_losses(tmp_path
         assert abs(got[step] - loss) <= 1e-5 * abs(loss), step
 
 
-def hottest_experts_on_the_first_device(cfg, canonical, tokens):
-    """The same model with its experts renumbered per layer, hottest first (router columns and
-    expert weights together): the function is unchanged, and the router now sends most tokens
-    to experts 0-3, the first expert device's in `expert_mapping`."""
-    from maxjax.parallel import make_runner
-
-    single = make_runner(cfg, "single")
-    metrics, _ = single.value_and_grad(single.from_canonical(canonical), tokens)
-    shares = np.asarray(metrics["expert_fraction_by_layer"])
-    skewed = jax.tree.map(np.array, canonical)
-    for index, layer in skewed["layers"].items():
-        hottest_first = np.argsort(-shares[int(index)], kind="stable")
-        layer["moe"]["router"]["kernel"] = layer["moe"]["router"]["kernel"][:, hottest_first]
-        for name in ("wi", "wo"):
-            layer["moe"]["experts"][name] = layer["moe"]["experts"][name][hottest_first]
-    return skewed
-
-
 @pytest.mark.slow
 def test_the_balancer_evens_a_skewed_router_without_changing_the_step():
     """A router biased toward the first expert device's experts: the sync loop's re-placement
@@ -231,8 +213,10 @@ def test_the_balancer_evens_a_skewed_router_without_changing_the_step():
     imbalance, moves each expert with its AdamW moments, and leaves the loss and every gradient
     as they were."""
     from maxjax import model, optim
+    from maxjax.bench.ma_step import hottest_experts_first
     from maxjax.config import load_config
     from maxjax.data.pipeline import TokenBatches
+    from maxjax.parallel import make_runner
     from maxjax.parallel.ma import MARunner
     from maxjax.sync import balancer
     from maxjax.sync.loop import SyncLoop
@@ -249,7 +233,10 @@ def test_the_balancer_evens_a_skewed_router_without_changing_the_step():
     )
     data = TokenBatches(cfg, "train")
     canonical = jax.tree.map(np.asarray, jax.jit(lambda: model.init_params(cfg, 0))())
-    canonical = hottest_experts_on_the_first_device(cfg, canonical, next(data))
+    skewing = next(data)
+    single = make_runner(cfg, "single")
+    shares = single.value_and_grad(single.from_canonical(canonical), skewing)[0]
+    canonical = hottest_experts_first(canonical, np.asarray(shares["expert_fraction_by_layer"]))
     runner, tx = MARunner(cfg), optim.make_optimizer(cfg)
     state = runner.init_train_state(runner.from_canonical(canonical), tx)
     loop = SyncLoop(cfg, runner)

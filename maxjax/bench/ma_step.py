@@ -12,6 +12,12 @@ On 16 emulated CPU devices (set up here before JAX starts), for the tiny config:
 - bytes per layer each way between the pools, with and without 8-bit compression (from shapes),
   and the bytes the attention pool's collectives move inside it;
 - programs and device-to-device copies dispatched per step;
+- expert work against load (``--load``): the expert programs' time on each expert device
+  (forward and backward, from a profiler trace of ``--repeats`` steps) beside the routed
+  assignments it serves, for the model as initialised and for the same model with each layer's
+  hottest experts renumbered onto the first expert device (`hottest_experts_first`: the function
+  is unchanged, the load is skewed). The expert stage computes only filled slots, so a device's
+  time should follow its assignments; the bytes it receives do not (buffers have static shapes);
 - with ``--trace DIR``: a profiler trace of ``--repeats`` steps of "ma" with 1, 2 and 4
   micro-batches, and from it each pool's busy time and the fraction of the expert pool's busy time
   during which the attention pool is busy too (`maxjax.bench.trace`). On CPU all 16 emulated
@@ -63,6 +69,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         help="sequences per micro-batch for the paper compile (default: batch / microbatches)",
     )
     parser.add_argument("--trace", default=None, help="profile 'ma' steps into this directory")
+    parser.add_argument(
+        "--load", action="store_true", help="expert time per device, uniform vs skewed router"
+    )
     parser.add_argument("--json", default=None, help="write the figures to this file")
     return parser.parse_args(argv)
 
@@ -221,6 +230,91 @@ def trace_overlap(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def hottest_experts_first(canonical: Any, shares: Any) -> Any:
+    """The same model (single-device layout, host arrays) with each layer's experts renumbered
+    hottest first by `shares` [L, E] (router columns and expert weights together): it computes
+    the same function, and the router now sends most tokens to the lowest-numbered experts,
+    those of the first expert device in the seed's `expert_mapping`."""
+    import jax
+    import numpy as np
+
+    skewed = jax.tree.map(np.array, canonical)
+    for index, layer in skewed["layers"].items():
+        hottest = np.argsort(-np.asarray(shares)[int(index)], kind="stable")
+        layer["moe"]["router"]["kernel"] = layer["moe"]["router"]["kernel"][:, hottest]
+        for name in ("wi", "wo"):
+            layer["moe"]["experts"][name] = layer["moe"]["experts"][name][hottest]
+    return skewed
+
+
+def expert_time_against_load(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Per expert device: expert-program seconds per step and routed assignments per step,
+    for the model as initialised and with its hottest experts on the first expert device."""
+    import tempfile
+
+    import jax
+    import numpy as np
+
+    from maxjax import model
+    from maxjax.config import load_config
+    from maxjax.parallel import make_runner
+    from maxjax.parallel.ma import MARunner
+    from maxjax.sync import balancer, measure
+
+    cfg = load_config(args.config, ["training.dtype=float32", *args.override])
+    batch, seq = cfg.sequence.batch_size, cfg.sequence.length
+    tokens = np.asarray(jax.random.randint(jax.random.key(0), (batch, seq + 1), 0, 50257))
+    canonical = jax.tree.map(np.asarray, jax.jit(lambda: model.init_params(cfg, 0))())
+    single = make_runner(cfg, "single")
+    shares = single.value_and_grad(single.from_canonical(canonical), tokens)[0]
+    shares = np.asarray(shares["expert_fraction_by_layer"])
+    key = jax.random.key(1)
+    rows = []
+    for name, params in (
+        ("as initialised", canonical),
+        ("hottest experts on the first expert device", hottest_experts_first(canonical, shares)),
+    ):
+        runner = MARunner(cfg)
+        placed = runner.from_canonical(params)
+        for _ in range(args.warmup):
+            metrics, _ = jax.block_until_ready(runner.value_and_grad(placed, tokens, key))
+        with tempfile.TemporaryDirectory() as directory:
+            jax.profiler.start_trace(directory)
+            for _ in range(args.repeats):
+                jax.block_until_ready(runner.value_and_grad(placed, tokens, key))
+            jax.profiler.stop_trace()
+            runs = measure.program_runs(measure.newest_trace(directory))
+        expert_programs = {
+            program
+            for (pool, _), programs in measure.STAGE_PROGRAMS.items()
+            if pool == "experts"
+            for program in programs
+        }
+        devices = [d.id for d in runner.expert_mesh.devices.flat]
+        seconds = [
+            sum(r.seconds for r in runs if r.device == d and r.program in expert_programs)
+            / args.repeats
+            for d in devices
+        ]
+        assignments = balancer.device_load_rows(
+            np.asarray(metrics["expert_fraction_by_layer"]) * batch * seq * cfg.moe.top_k,
+            runner.experts.order,
+            len(devices),
+        ).sum(0)
+        received = runner.bytes_moved["attention_to_experts"] / len(devices)
+        rows.append(
+            {
+                "router": name,
+                "expert_devices": devices,
+                "expert_seconds_per_step": seconds,
+                "assignments_per_step": assignments.tolist(),
+                "kept_fraction": 1.0 - float(metrics["dropped_fraction"]),
+                "bytes_received_per_step": [received] * len(devices),
+            }
+        )
+    return rows
+
+
 def compile_paper_stages(args: argparse.Namespace) -> dict[str, Any]:
     from maxjax.config import load_config
     from maxjax.parallel.ma import MARunner
@@ -270,6 +364,19 @@ def _report(result: dict[str, Any]) -> None:
         )
     print(f"  device-to-device copies per step: {steps['copies_per_step']}")
     print(f"  bytes moved in one step (counted by the runner): {steps['bytes_moved_per_step']}")
+    for row in result.get("load", []):
+        print(f"  expert work per device, router {row['router']!r} (per step, {steps['devices']}):")
+        for d, t, a, b in zip(
+            row["expert_devices"],
+            row["expert_seconds_per_step"],
+            row["assignments_per_step"],
+            row["bytes_received_per_step"],
+            strict=True,
+        ):
+            print(
+                f"    device {d:2d}: expert programs {t * 1e3:8.1f} ms, "
+                f"{a:8.0f} routed assignments (all layers), {b:,.0f} bytes received"
+            )
     for row in result.get("trace", []):
         what = (
             "control, two independent programs (one per pool)"
@@ -304,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(list(argv or []))
     _emulate_devices()
     result: dict[str, Any] = {"steps": measure_steps(args)}
+    if args.load:
+        result["load"] = expert_time_against_load(args)
     if args.trace:
         result["trace"] = trace_overlap(args)
     if not args.skip_paper:
