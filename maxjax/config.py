@@ -83,9 +83,10 @@ class MoE:
         "hidden width H of one expert FFN (hidden -> H -> hidden, GELU) (seed)"
     )
     top_k: int = _key("experts per token, 1..experts_per_layer (seed)")
-    capacity_factor: float = _key(
+    capacity_factor: float | None = _key(
         "slots per expert and sequence: ceil(seq_tokens * top_k * capacity_factor / E); "
-        "assignments past capacity are dropped (seed)"
+        "assignments past capacity are dropped (seed); null: dropless (seq_tokens slots, "
+        "no assignment dropped; the MA expert stage computes only the filled ones)"
     )
     load_balancing_loss: float = _key(
         "coefficient of the load-balancing loss E * sum_i f_i * P_i (seed)"
@@ -461,7 +462,11 @@ def validate(cfg: Config) -> None:
         "moe.top_k",
         f"must be in 1..experts_per_layer ({moe.experts_per_layer}), got {moe.top_k}",
     )
-    _check(moe.capacity_factor > 0, "moe.capacity_factor", "must be positive")
+    _check(
+        moe.capacity_factor is None or moe.capacity_factor > 0,
+        "moe.capacity_factor",
+        "must be positive, or null (dropless)",
+    )
     _check(0 <= moe.expert_dropout < 1, "moe.expert_dropout", "must be in [0, 1)")
     _check(moe.load_balancing_loss >= 0, "moe.load_balancing_loss", "must be non-negative")
     _check(moe.router_z_loss >= 0, "moe.router_z_loss", "must be non-negative")

@@ -16,8 +16,13 @@ import jax
 import jax.numpy as jnp
 
 
-def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
-    """Slots per expert and group: ceil(num_tokens * top_k * capacity_factor / num_experts)."""
+def expert_capacity(
+    num_tokens: int, num_experts: int, top_k: int, capacity_factor: float | None
+) -> int:
+    """Slots per expert and group: ceil(num_tokens * top_k * capacity_factor / num_experts);
+    `None` (dropless): num_tokens, room for every token (a token picks an expert once)."""
+    if capacity_factor is None:
+        return num_tokens
     # Round first so that float error in the product cannot add a slot (2048*2*1.0/16 = 256).
     return max(1, math.ceil(round(num_tokens * top_k * capacity_factor / num_experts, 9)))
 
@@ -105,6 +110,21 @@ def dispatch(
     token_of_slot = token_of_slot.at[slots].set(token_of_assignment, mode="drop")
     x_with_empty = jnp.concatenate([x, jnp.zeros((1, model_dim), x.dtype)], axis=0)
     return x_with_empty[token_of_slot].reshape(num_experts, capacity, model_dim)
+
+
+def combine_terms(
+    expert_out: jax.Array,
+    expert_index: jax.Array,
+    position: jax.Array,
+    keep: jax.Array,
+    gates: jax.Array,
+) -> jax.Array:
+    """Each token's gate-weighted expert outputs, one per choice: [T, k, M] (zero where dropped).
+    `combine` is their sum over k."""
+    num_experts, capacity, model_dim = expert_out.shape
+    slots = jnp.where(keep, expert_index * capacity + position, 0)
+    picked = expert_out.reshape(num_experts * capacity, model_dim)[slots]  # [T, k, M]
+    return picked * jnp.where(keep, gates, 0.0).astype(expert_out.dtype)[..., None]
 
 
 def combine(

@@ -287,3 +287,11 @@ def test_every_key_has_its_meaning_in_config_py_and_in_the_tutorial():
     leaves = {k for k in docs if not _is_section(k)}
     markdown = (REPO / "tutorials" / "configs.md").read_text()
     assert _documented_keys(markdown) == leaves
+
+
+def test_capacity_factor_is_positive_or_null_for_dropless():
+    assert (
+        load_config("configs/tiny.yaml", ["moe.capacity_factor=null"]).moe.capacity_factor is None
+    )
+    with pytest.raises(ConfigError, match=r"'moe.capacity_factor': must be positive, or null"):
+        load_config("configs/tiny.yaml", ["moe.capacity_factor=0"])

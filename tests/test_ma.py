@@ -385,7 +385,7 @@ def test_bytes_cross_once_each_way(ma_runners, tiny_cfg, tokens, compression):
     assert moved["backward_to_experts"] == moved["backward_to_attention"] == layers * floats
     micro = batch // 2
     split = runner.token_split(micro)
-    per_stage = pool_bytes_per_stage(split, micro, seq, cfg.model.hidden_dim)
+    per_stage = pool_bytes_per_stage(split, micro, seq, cfg.model.hidden_dim, cfg.moe.top_k)
     assert per_stage > 0
     assert moved["within_attention_pool"] == 2 * 2 * (layers + 1) * per_stage
     assert runner.transfer_bytes(batch, seq)["attention_to_experts"] == wire
@@ -510,3 +510,21 @@ def test_saved_vjp_leaves_out_the_parameters_and_restores_the_same_gradients():
     got = backward(saved, params, d_out)
     for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6, atol=1e-6)
+
+
+def test_dropless_training_drops_nothing_and_equals_single(tiny_cfg, tokens):
+    """`moe.capacity_factor: null`: every assignment is served (capacity = sequence length),
+    and MA separation, whose expert devices compute only the filled slots of the larger
+    buffers, gives the single-device model's metrics and gradients, with dropout."""
+    cfg = with_overrides(tiny_cfg, ["moe.capacity_factor=null", "model.layers=2"])
+    assert model.group_capacity(cfg, SEQ) == SEQ
+    canonical = jax.tree.map(np.asarray, jax.jit(lambda: model.init_params(cfg, 0))())
+    single = make_runner(cfg, "single")
+    expected = single.value_and_grad(single.from_canonical(canonical), tokens, jax.random.key(7))
+    expected = (jax.tree.map(np.asarray, expected[0]), single.gather(expected[1]))
+    assert float(expected[0]["dropped_fraction"]) == 0.0
+    runner = MARunner(ma_cfg(cfg, 2))
+    metrics, grads = runner.value_and_grad(
+        runner.from_canonical(canonical), tokens, jax.random.key(7)
+    )
+    assert_matches_reference(runner, jax.tree.map(np.asarray, metrics), grads, expected)

@@ -34,7 +34,7 @@ class KVCache(NamedTuple):
 def inference_config(cfg: Config) -> Config:
     """`cfg` with capacity for every assignment (capacity_factor = E / k): dropless routing."""
     factor = cfg.moe.experts_per_layer / cfg.moe.top_k
-    if cfg.moe.capacity_factor >= factor:
+    if cfg.moe.capacity_factor is None or cfg.moe.capacity_factor >= factor:
         return cfg
     return with_overrides(cfg, [f"moe.capacity_factor={factor}"])
 

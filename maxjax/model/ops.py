@@ -280,6 +280,13 @@ def combine(expert_out: jax.Array, r: Routing) -> jax.Array:
     )
 
 
+def combine_terms(expert_out: jax.Array, r: Routing) -> jax.Array:
+    """The gate-weighted expert output of every choice [B, S, k, M] (`combine` sums over k)."""
+    return jax.vmap(routing.combine_terms, in_axes=(1, 0, 0, 0, 0))(
+        expert_out, r.expert_index, r.position, r.keep, r.gates
+    )
+
+
 def dropout_row_keys(
     key: jax.Array, expert_ids: jax.Array, sequence_ids: jax.Array, capacity: int
 ) -> jax.Array:

@@ -260,7 +260,7 @@ class Runner(abc.ABC):
     ) -> tuple[TrainState, jax.Array]:
         """Clip by the global norm over all pools, then AdamW each pool. Returns (state, norm)."""
         pools = self.split_pools(grads)
-        partial = [jax.jit(optim.squared_norm)(g) for g in pools.values()]
+        partial = [self.squared_norm(name, g) for name, g in pools.items()]
         if jax.process_count() > 1:
             partial = replicate_tree(partial, everywhere_mesh())
         params = self.split_pools(state.params)
@@ -283,6 +283,10 @@ class Runner(abc.ABC):
                 params[name], state.opt_state[name], pool_grads, norms
             )
         return TrainState(merge(*new_params.values()), new_opt, state.step + 1), grad_norm
+
+    def squared_norm(self, pool: str, grads: Tree) -> jax.Array:
+        """Sum of squares of a pool's gradients (its share of the global norm), on its devices."""
+        return jax.jit(optim.squared_norm)(grads)
 
     def _update_fn(self, pool: str, tx: optax.GradientTransformation) -> Callable:
         key = (pool, id(tx))

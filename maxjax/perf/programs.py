@@ -39,7 +39,7 @@ class Shapes:
     experts: int
     expert_hidden: int
     top_k: int
-    capacity_factor: float
+    capacity_factor: float | None
     vocab: int
     layers: int
     seq_len: int

@@ -199,6 +199,15 @@ class MARunner(Runner):
                 moved += 3 * moved_experts[layer] * leaf.nbytes // leaf.shape[0]
         return state._replace(params=params, opt_state=opt_state), moved
 
+    def squared_norm(self, pool: str, grads: Tree) -> jax.Array:
+        """As the base class; the expert pool's sums of squares are taken per expert and added
+        in canonical expert order, so that the global norm (and the clipping it sets) does not
+        depend on the expert placement."""
+        if pool != EXPERT_POOL:
+            return super().squared_norm(pool, grads)
+        rows = [self.experts.row_of(layer_of(path)) for path, _ in tree_paths(grads)]
+        return _canonical_squared_norm(grads, rows)
+
     def _permute_experts(self, tree: Tree, perms: dict[int, np.ndarray]) -> Tree:
         """`tree` with each expert leaf of a layer in `perms` reordered along its expert axis."""
 
@@ -389,7 +398,7 @@ class MARunner(Runner):
 
     def _count_pool(self, split: TokenSplit, batch: int, seq: int, stages: int) -> None:
         self.bytes_moved["within_attention_pool"] += stages * pool_bytes_per_stage(
-            split, batch, seq, self.cfg.model.hidden_dim
+            split, batch, seq, self.cfg.model.hidden_dim, self.cfg.moe.top_k
         )
 
     def transfer_bytes(self, batch_size: int, seq_len: int) -> dict[str, Any]:
@@ -408,7 +417,9 @@ class MARunner(Runner):
         parts = self.microbatches * self.accumulation
         micro = batch_size // parts
         split = self.token_split(micro)
-        pool = pool_bytes_per_stage(split, micro, seq_len, self.cfg.model.hidden_dim)
+        pool = pool_bytes_per_stage(
+            split, micro, seq_len, self.cfg.model.hidden_dim, self.cfg.moe.top_k
+        )
         return {
             "buffer_shape": shape,
             "compressed": self.compress,
@@ -974,6 +985,17 @@ def _like(x: jax.Array) -> jax.ShapeDtypeStruct:
 
 
 @jax.jit
+def _canonical_squared_norm(tree: Tree, rows: list[jax.Array]) -> jax.Array:
+    """Sum of squares of expert leaves [E, ...] (in `tree_paths` order, `rows[i]` the row of
+    each canonical expert in leaf i): per expert, then over the experts in canonical order."""
+    total = jnp.float32(0)
+    for (_, x), row in zip(tree_paths(tree), rows, strict=True):
+        per_expert = jnp.sum(jnp.square(x.astype(jnp.float32)), axis=tuple(range(1, x.ndim)))
+        total = total + jnp.sum(per_expert[row])
+    return total
+
+
+@jax.jit
 def _mean(values: list[jax.Array]) -> jax.Array:
     return jnp.mean(jnp.stack(values))
 
@@ -991,12 +1013,13 @@ def _leaf_device_bytes(shape: tuple, dtype: Any, sharding: jax.sharding.Sharding
     return shard * len(sharding.addressable_devices)
 
 
-def pool_bytes_per_stage(split: TokenSplit, batch: int, seq: int, width: int) -> int:
+def pool_bytes_per_stage(split: TokenSplit, batch: int, seq: int, width: int, top_k: int) -> int:
     """Bytes the attention pool's collectives move inside it for one stage of a micro-batch of
     `batch` sequences, summed over the receiving devices (ring algorithms): the all-gather of the
     normed activations [b, S, M] over SEQ before attention, and the reduce-scatter over SEQ plus
-    the all-reduce over REP of the attention output after it (the combine's all-reduce over REP
-    costs the same again). Scalars and routing statistics are left out."""
+    the all-reduce over REP of the attention output after it; the combine's all-reduce over REP
+    sums each of the `top_k` choices' terms (`StagePrograms._combine`), `top_k` times as much.
+    Scalars and routing statistics are left out."""
     g, r = split.sequence_shards, split.replicas
     devices = g * r
     activations = 4 * batch * seq * width
@@ -1004,4 +1027,4 @@ def pool_bytes_per_stage(split: TokenSplit, batch: int, seq: int, width: int) ->
     gather = devices * shard * (g - 1)
     scatter = devices * shard * (g - 1)
     all_reduce = devices * 2 * shard * (r - 1) // r
-    return gather + scatter + 2 * all_reduce
+    return gather + scatter + (1 + top_k) * all_reduce

@@ -198,13 +198,18 @@ class StagePrograms:
 
     def _combine(self, state: TokenState, received: tuple[jax.Array, ...]) -> jax.Array:
         """h + the gate-weighted expert outputs of this shard's tokens (received pieces, each
-        counted on the replica that received it, summed over REP)."""
+        counted on the replica that received it, summed over REP). With replicas, each choice's
+        term is summed over REP before the terms are added: every term comes from one replica,
+        so the sums are exact and the result does not depend on which replica received which
+        expert's piece (the expert placement), at k times the bytes of summing the partial
+        combines."""
         out = jnp.concatenate(
             [jnp.where(self._is_sender(j), piece[0], 0.0) for j, piece in enumerate(received)]
         )
         routing = ops.Routing(None, state.expert_row, state.gates, state.position, state.keep)
-        y = ops.combine(out, routing)
-        return state.h + lax.psum(y, REP)
+        if self.split.replicas == 1:
+            return state.h + ops.combine(out, routing)
+        return state.h + jnp.sum(lax.psum(ops.combine_terms(out, routing), REP), axis=2)
 
     def _layer(
         self,
