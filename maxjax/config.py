@@ -201,6 +201,12 @@ class MASeparation:
         "(maxjax)",
         "device_put",
     )
+    expert_compute: str = _key(
+        "what an expert device computes in training: 'filled_slots' (only the slots that hold "
+        "tokens, packed into tiles: its work follows the load its experts serve) or "
+        "'capacity' (every slot of the capacity buffers, one batched product) (maxjax)",
+        "filled_slots",
+    )
 
 
 @_frozen
@@ -320,6 +326,7 @@ class Config:
 
 COMPRESSION_CHOICES = ("8-bit quantization", "none")
 TRANSPORT_CHOICES = ("device_put", "collective")
+EXPERT_COMPUTE_CHOICES = ("filled_slots", "capacity")
 SOURCE_CHOICES = ("embedded", "c4", "files")
 DTYPE_CHOICES = ("float32", "bfloat16")
 
@@ -590,6 +597,11 @@ def validate(cfg: Config) -> None:
         cfg.ma_separation.transport in TRANSPORT_CHOICES,
         "ma_separation.transport",
         f"must be one of {TRANSPORT_CHOICES}, got {cfg.ma_separation.transport!r}",
+    )
+    _check(
+        cfg.ma_separation.expert_compute in EXPERT_COMPUTE_CHOICES,
+        "ma_separation.expert_compute",
+        f"must be one of {EXPERT_COMPUTE_CHOICES}, got {cfg.ma_separation.expert_compute!r}",
     )
     b = cfg.baselines
     _check(

@@ -295,3 +295,9 @@ def test_capacity_factor_is_positive_or_null_for_dropless():
     )
     with pytest.raises(ConfigError, match=r"'moe.capacity_factor': must be positive, or null"):
         load_config("configs/tiny.yaml", ["moe.capacity_factor=0"])
+
+
+def test_expert_compute_is_filled_slots_or_capacity():
+    assert load_config("configs/paper.yaml").ma_separation.expert_compute == "filled_slots"
+    with pytest.raises(ConfigError, match=r"'ma_separation.expert_compute': must be one of"):
+        load_config("configs/tiny.yaml", ["ma_separation.expert_compute=sparse"])

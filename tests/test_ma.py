@@ -512,17 +512,27 @@ def test_saved_vjp_leaves_out_the_parameters_and_restores_the_same_gradients():
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6, atol=1e-6)
 
 
-def test_dropless_training_drops_nothing_and_equals_single(tiny_cfg, tokens):
-    """`moe.capacity_factor: null`: every assignment is served (capacity = sequence length),
-    and MA separation, whose expert devices compute only the filled slots of the larger
-    buffers, gives the single-device model's metrics and gradients, with dropout."""
-    cfg = with_overrides(tiny_cfg, ["moe.capacity_factor=null", "model.layers=2"])
-    assert model.group_capacity(cfg, SEQ) == SEQ
+@pytest.mark.parametrize("capacity_factor", ["1.0", "null"], ids=["capacity", "dropless"])
+def test_filled_slots_equal_single(tiny_cfg, tokens, capacity_factor):
+    """`ma_separation.expert_compute: filled_slots` (expert devices compute only the slots in
+    use, through their own backward loop) gives the single-device model's metrics and
+    gradients, with dropout; with `moe.capacity_factor: null` (dropless: capacity = sequence
+    length) nothing is dropped."""
+    cfg = with_overrides(
+        tiny_cfg,
+        [
+            f"moe.capacity_factor={capacity_factor}",
+            "model.layers=2",
+            "ma_separation.expert_compute=filled_slots",
+        ],
+    )
     canonical = jax.tree.map(np.asarray, jax.jit(lambda: model.init_params(cfg, 0))())
     single = make_runner(cfg, "single")
     expected = single.value_and_grad(single.from_canonical(canonical), tokens, jax.random.key(7))
     expected = (jax.tree.map(np.asarray, expected[0]), single.gather(expected[1]))
-    assert float(expected[0]["dropped_fraction"]) == 0.0
+    if capacity_factor == "null":
+        assert model.group_capacity(cfg, SEQ) == SEQ
+        assert float(expected[0]["dropped_fraction"]) == 0.0
     runner = MARunner(ma_cfg(cfg, 2))
     metrics, grads = runner.value_and_grad(
         runner.from_canonical(canonical), tokens, jax.random.key(7)

@@ -229,6 +229,7 @@ def test_the_balancer_evens_a_skewed_router_without_changing_the_step():
             "sequence.batch_size=64",
             "sequence.total_tokens_per_batch=1024",
             "optimizer.learning_rate=1e-6",  # routing stays as it is: this is about placement
+            "ma_separation.expert_compute=filled_slots",
         ],
     )
     data = TokenBatches(cfg, "train")

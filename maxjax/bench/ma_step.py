@@ -16,8 +16,9 @@ On 16 emulated CPU devices (set up here before JAX starts), for the tiny config:
   (forward and backward, from a profiler trace of ``--repeats`` steps) beside the routed
   assignments it serves, for the model as initialised and for the same model with each layer's
   hottest experts renumbered onto the first expert device (`hottest_experts_first`: the function
-  is unchanged, the load is skewed). The expert stage computes only filled slots, so a device's
-  time should follow its assignments; the bytes it receives do not (buffers have static shapes);
+  is unchanged, the load is skewed), each with ``ma_separation.expert_compute`` 'filled_slots'
+  (a device's work should follow its assignments) and 'capacity' (every slot computed). The
+  bytes a device receives do not follow its load (buffers have static shapes);
 - with ``--trace DIR``: a profiler trace of ``--repeats`` steps of "ma" with 1, 2 and 4
   micro-batches, and from it each pool's busy time and the fraction of the expert pool's busy time
   during which the attention pool is busy too (`maxjax.bench.trace`). On CPU all 16 emulated
@@ -250,30 +251,33 @@ def hottest_experts_first(canonical: Any, shares: Any) -> Any:
 def expert_time_against_load(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Per expert device: expert-program seconds per step and routed assignments per step,
     for the model as initialised and with its hottest experts on the first expert device."""
+    import itertools
     import tempfile
 
     import jax
     import numpy as np
 
     from maxjax import model
-    from maxjax.config import load_config
+    from maxjax.config import EXPERT_COMPUTE_CHOICES, load_config, with_overrides
     from maxjax.parallel import make_runner
     from maxjax.parallel.ma import MARunner
     from maxjax.sync import balancer, measure
 
-    cfg = load_config(args.config, ["training.dtype=float32", *args.override])
-    batch, seq = cfg.sequence.batch_size, cfg.sequence.length
+    base = load_config(args.config, ["training.dtype=float32", *args.override])
+    batch, seq = base.sequence.batch_size, base.sequence.length
     tokens = np.asarray(jax.random.randint(jax.random.key(0), (batch, seq + 1), 0, 50257))
-    canonical = jax.tree.map(np.asarray, jax.jit(lambda: model.init_params(cfg, 0))())
-    single = make_runner(cfg, "single")
+    canonical = jax.tree.map(np.asarray, jax.jit(lambda: model.init_params(base, 0))())
+    single = make_runner(base, "single")
     shares = single.value_and_grad(single.from_canonical(canonical), tokens)[0]
     shares = np.asarray(shares["expert_fraction_by_layer"])
     key = jax.random.key(1)
     rows = []
-    for name, params in (
+    routers = (
         ("as initialised", canonical),
         ("hottest experts on the first expert device", hottest_experts_first(canonical, shares)),
-    ):
+    )
+    for (name, params), compute in itertools.product(routers, EXPERT_COMPUTE_CHOICES):
+        cfg = with_overrides(base, [f"ma_separation.expert_compute={compute}"])
         runner = MARunner(cfg)
         placed = runner.from_canonical(params)
         for _ in range(args.warmup):
@@ -305,6 +309,7 @@ def expert_time_against_load(args: argparse.Namespace) -> list[dict[str, Any]]:
         rows.append(
             {
                 "router": name,
+                "expert_compute": compute,
                 "expert_devices": devices,
                 "expert_seconds_per_step": seconds,
                 "assignments_per_step": assignments.tolist(),
@@ -365,7 +370,10 @@ def _report(result: dict[str, Any]) -> None:
     print(f"  device-to-device copies per step: {steps['copies_per_step']}")
     print(f"  bytes moved in one step (counted by the runner): {steps['bytes_moved_per_step']}")
     for row in result.get("load", []):
-        print(f"  expert work per device, router {row['router']!r} (per step, {steps['devices']}):")
+        print(
+            f"  expert work per device, router {row['router']!r}, expert_compute "
+            f"{row['expert_compute']!r} (per step, {steps['devices']}):"
+        )
         for d, t, a, b in zip(
             row["expert_devices"],
             row["expert_seconds_per_step"],

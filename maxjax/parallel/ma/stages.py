@@ -277,29 +277,24 @@ class StagePrograms:
         decoding: bool = False,
     ) -> tuple[jax.Array, ...]:
         """This expert device's FFNs on the pieces of every sequence shard, [1, E/J, b/G, C, M]
-        each, returned as pieces of the same shapes. Only the slots in use are computed
-        (`ops.expert_ffn_filled_slots`), so the device's work follows the tokens its experts
-        serve. Training: tiles of about a quarter of an expert's capacity rows; `decoding`
-        (dropless routing: capacity = sequence length, no dropout): tiles of a balanced
-        expert's rows."""
+        each, returned as pieces of the same shapes. With `ma_separation.expert_compute`
+        'filled_slots' only the slots in use are computed (`ops.expert_ffn_filled_slots`,
+        tiles of about a quarter of an expert's capacity rows), so the device's work follows
+        the tokens its experts serve; 'capacity': every slot (`ops.expert_ffn`). `decoding`
+        (dropless routing: capacity = sequence length, no dropout): filled slots, tiles of a
+        balanced expert's rows."""
         buffer = jnp.concatenate([x[0] for x in inputs], axis=1)
         _, seqs, capacity, _ = buffer.shape
+        wi, wo = experts["wi"], experts["wo"]
+        dropout = (key, self.cfg.moe.expert_dropout, expert_ids, sequence_ids)
         if decoding:
             tile = decode.decode_tile_rows(self.cfg, seqs * capacity)
-            key = None
-        else:
+            out = ops.expert_ffn_filled_slots(buffer, wi, wo, tile, self.dtype)
+        elif self.cfg.ma_separation.expert_compute == "filled_slots":
             tile = training_tile_rows(seqs * capacity)
-        out = ops.expert_ffn_filled_slots(
-            buffer,
-            experts["wi"],
-            experts["wo"],
-            tile,
-            self.dtype,
-            key,
-            self.cfg.moe.expert_dropout,
-            expert_ids,
-            sequence_ids,
-        )
+            out = ops.expert_ffn_filled_slots(buffer, wi, wo, tile, self.dtype, *dropout)
+        else:
+            out = ops.expert_ffn(buffer, wi, wo, self.dtype, *dropout)
         return tuple(
             out[None, :, i * x.shape[2] : (i + 1) * x.shape[2]] for i, x in enumerate(inputs)
         )
