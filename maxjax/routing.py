@@ -112,6 +112,15 @@ def dispatch(
     return x_with_empty[token_of_slot].reshape(num_experts, capacity, model_dim)
 
 
+def _picked(
+    expert_out: jax.Array, expert_index: jax.Array, position: jax.Array, keep: jax.Array
+) -> jax.Array:
+    """The expert output row of each of a token's choices [T, k, M] (any row where dropped)."""
+    num_experts, capacity, model_dim = expert_out.shape
+    slots = jnp.where(keep, expert_index * capacity + position, 0)
+    return expert_out.reshape(num_experts * capacity, model_dim)[slots]
+
+
 def combine_terms(
     expert_out: jax.Array,
     expert_index: jax.Array,
@@ -121,25 +130,14 @@ def combine_terms(
 ) -> jax.Array:
     """Each token's gate-weighted expert outputs, one per choice: [T, k, M] (zero where dropped).
     `combine` is their sum over k."""
-    num_experts, capacity, model_dim = expert_out.shape
-    slots = jnp.where(keep, expert_index * capacity + position, 0)
-    picked = expert_out.reshape(num_experts * capacity, model_dim)[slots]  # [T, k, M]
-    return picked * jnp.where(keep, gates, 0.0).astype(expert_out.dtype)[..., None]
+    weights = jnp.where(keep, gates, 0.0).astype(expert_out.dtype)
+    return _picked(expert_out, expert_index, position, keep) * weights[..., None]
 
 
-def combine(
-    expert_out: jax.Array,
-    expert_index: jax.Array,
-    position: jax.Array,
-    keep: jax.Array,
-    gates: jax.Array,
-) -> jax.Array:
-    """Weighted sum over each token's kept assignments of expert_out[E, C, M] -> [T, M].
+def combine(*routed: jax.Array) -> jax.Array:
+    """Weighted sum over each token's kept assignments of expert_out[E, C, M] -> [T, M]
+    (arguments as `combine_terms`: the sum of its terms over k, in choice order).
 
     A token whose assignments were all dropped gets zero (it passes through the residual).
     """
-    num_experts, capacity, model_dim = expert_out.shape
-    slots = jnp.where(keep, expert_index * capacity + position, 0)
-    picked = expert_out.reshape(num_experts * capacity, model_dim)[slots]  # [T, k, M]
-    weights = jnp.where(keep, gates, 0.0).astype(expert_out.dtype)
-    return jnp.einsum("tkm,tk->tm", picked, weights)
+    return jnp.sum(combine_terms(*routed), axis=1)

@@ -21,10 +21,12 @@ training step under the profiler (`SyncLoop.measuring`), and `SyncLoop.observe` 
    record gives the load imbalance measured over the interval that followed
    (`previous_load_imbalance_after`).
 
-The micro-batch count stays as configured (`microbatches` in the record is the one in use).
-With fixed capacity buffers an expert device computes every slot whatever the routing, so its
-measured stage time does not follow the placement yet; the loads are the routed assignments
-that a load-following expert stage computes.
+The micro-batch count stays as configured (`microbatches` in the record is the one in use),
+and the placement is planned from the routed loads, not from the time models' predictions
+(`decided_by` names the model a time-based decision would use). With
+`ma_separation.expert_compute: filled_slots` an expert device computes only the slots that hold
+tokens, so its work follows the load the placement evens; with `capacity` it computes every
+slot whatever the routing, and only the loads even out.
 Measuring needs every device's runs in one trace, so the loop runs in single-process runs only.
 The trace format is the one of JAX's CPU client (each operation with `device_ordinal` and
 `run_id`); a trace without such runs (another backend) gives a record with `"samples": 0` and

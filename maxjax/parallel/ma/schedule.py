@@ -57,7 +57,16 @@ from maxjax.parallel.mesh import (
     replicate,
     restrict,
 )
-from maxjax.parallel.runner import Path, Runner, Tree, map_with_path, merge, select, tree_paths
+from maxjax.parallel.runner import (
+    LayoutReport,
+    Path,
+    Runner,
+    Tree,
+    map_with_path,
+    merge,
+    select,
+    tree_paths,
+)
 
 COUNTERS = (
     "attention_to_experts",
@@ -153,7 +162,7 @@ class MARunner(Runner):
         self.experts = self.layout.experts
         self._placed_order = {}
 
-    def layout_report(self, params: Params) -> Any:
+    def layout_report(self, params: Params) -> LayoutReport:
         """Bytes and arrays per device, and each layer's experts on each expert device."""
         report = super().layout_report(params)
         devices = [jax.devices().index(d) for d in self.expert_mesh.devices.flat]
@@ -170,7 +179,8 @@ class MARunner(Runner):
     def move_experts(self, state: Any, order: np.ndarray) -> tuple[Any, int]:
         """Re-place the experts: every expert leaf of the parameters and of the AdamW moments
         goes to its row of `order` ([L, E]), device to device on the expert pool (one jitted
-        gather per leaf, the old arrays donated), and the runner uses `order` from then on.
+        program per tree, gathering along the expert axis, the old arrays donated), and the
+        runner uses `order` from then on.
         Returns (state, moved bytes): the bytes of the experts that changed device, each
         expert's weights and both moments counted once."""
         new = ExpertOrder.of(order)
@@ -244,7 +254,8 @@ class MARunner(Runner):
         """`init_params(cfg, seed)` in the MA layout, each device building only its own units
         (`model.InitUnits`): an expert device its experts, an attention device its head slots
         (padded slots zero) and vocabulary rows; the norms and the router on every attention
-        device. Nothing is generated whole and then cut or permuted."""
+        device. Nothing is generated whole and then cut or permuted (the experts are built in
+        the configured placement, and moved on the expert pool if the runner's differs)."""
         params = merge(*(self.init_program(pool, seed)() for pool in (ATTENTION_POOL, EXPERT_POOL)))
         configured = ExpertOrder.from_config(self.cfg)
         if np.array_equal(configured.order, self.experts.order):
@@ -262,10 +273,9 @@ class MARunner(Runner):
         none = np.zeros((0,), np.int32)
         if pool == EXPERT_POOL:
             mesh, axis = self.expert_mesh, EXPERT_AXIS
-            order = ExpertOrder.from_config(self.cfg).rows(
-                0
-            )  # `init` moves them if placed otherwise
-            ids = {"experts": order, "heads": none, "vocab": none}
+            # In the configured placement; `init` moves them if this runner's differs.
+            configured = ExpertOrder.from_config(self.cfg).rows(0)
+            ids = {"experts": configured, "heads": none, "vocab": none}
         else:
             mesh, axis = self.attention_mesh, ATTENTION_AXIS
             slots, vocab = self.heads.slot_heads(), np.arange(self.padded_vocab, dtype=np.int32)
