@@ -167,10 +167,12 @@ class MoEPool:
 class Synchronization:
     time_prediction_model: str = _key("the stage-time predictor, descriptive (seed)")
     sync_interval: int = _key(
-        "steps between sync points: a measured step and refits of the time models; 0: off (seed)"
+        "steps between sync points: a measured step, refits of the time models and the "
+        "re-placement of experts in layers out of balance; 0: off (seed)"
     )
     load_balancing_threshold: float = _key(
-        "predicted imbalance above which the balancer proposes a new plan; in [0, 1) (seed)"
+        "imbalance of a layer's expert-device loads above which the sync loop re-places its "
+        "experts; in [0, 1) (seed)"
     )
     communication_compression: str = _key(
         "'8-bit quantization' (int8 + one float32 scale per token between the pools) or 'none' "
@@ -205,7 +207,7 @@ class MASeparation:
         "what an expert device computes in training: 'filled_slots' (only the slots that hold "
         "tokens, packed into tiles: its work follows the load its experts serve) or "
         "'capacity' (every slot of the capacity buffers, one batched product) (maxjax)",
-        "filled_slots",
+        "capacity",
     )
 
 

@@ -134,10 +134,18 @@ def combine_terms(
     return _picked(expert_out, expert_index, position, keep) * weights[..., None]
 
 
-def combine(*routed: jax.Array) -> jax.Array:
+def combine(
+    expert_out: jax.Array,
+    expert_index: jax.Array,
+    position: jax.Array,
+    keep: jax.Array,
+    gates: jax.Array,
+) -> jax.Array:
     """Weighted sum over each token's kept assignments of expert_out[E, C, M] -> [T, M]
-    (arguments as `combine_terms`: the sum of its terms over k, in choice order).
+    (`combine_terms` summed over k, as one product).
 
     A token whose assignments were all dropped gets zero (it passes through the residual).
     """
-    return jnp.sum(combine_terms(*routed), axis=1)
+    picked = _picked(expert_out, expert_index, position, keep)
+    weights = jnp.where(keep, gates, 0.0).astype(expert_out.dtype)
+    return jnp.einsum("tkm,tk->tm", picked, weights)

@@ -78,8 +78,8 @@ SEED_5_5 = {"std_dev": 0.023, "min_usage": 0.058, "max_usage": 0.089, "load_bala
 # The tiny config (`configs/tiny.yaml`: the paper's 4 layers, 32 heads, 16 experts, top-2 and
 # device split at small widths), MA separation, 40 steps; a sync point every 10 steps and each
 # layer's expert shares every 5. The expert devices compute only the filled slots
-# (`ma_separation.expert_compute: filled_slots`, the default; tiny.yaml computes every slot,
-# which is faster at its widths on CPU).
+# (`ma_separation.expert_compute: filled_slots`; the default, `capacity`, computes every slot,
+# which is faster at these widths on CPU).
 
 # %%
 cfg = load_config(

@@ -298,6 +298,8 @@ def test_capacity_factor_is_positive_or_null_for_dropless():
 
 
 def test_expert_compute_is_filled_slots_or_capacity():
-    assert load_config("configs/paper.yaml").ma_separation.expert_compute == "filled_slots"
+    assert load_config("configs/paper.yaml").ma_separation.expert_compute == "capacity"
+    filled = load_config("configs/tiny.yaml", ["ma_separation.expert_compute=filled_slots"])
+    assert filled.ma_separation.expert_compute == "filled_slots"
     with pytest.raises(ConfigError, match=r"'ma_separation.expert_compute': must be one of"):
         load_config("configs/tiny.yaml", ["ma_separation.expert_compute=sparse"])

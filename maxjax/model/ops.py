@@ -287,27 +287,6 @@ def combine_terms(expert_out: jax.Array, r: Routing) -> jax.Array:
     )
 
 
-def dropout_row_keys(
-    key: jax.Array, expert_ids: jax.Array, sequence_ids: jax.Array, capacity: int
-) -> jax.Array:
-    """The dropout key of every buffer row [E, B, C]: a function of (key, expert id, sequence
-    id, slot), so that any subset of rows draws its masks alone (`expert_ffn_filled_slots`)."""
-    slots = jnp.arange(capacity, dtype=jnp.int32)
-
-    def of(e: jax.Array, b: jax.Array) -> jax.Array:
-        k = jax.random.fold_in(jax.random.fold_in(key, e), b)
-        return jax.vmap(lambda c: jax.random.fold_in(k, c))(slots)
-
-    return jax.vmap(lambda e: jax.vmap(lambda b: of(e, b))(sequence_ids))(expert_ids)
-
-
-def _row_keep_mask(row_keys: jax.Array, rate: float, hidden: int) -> jax.Array:
-    """Keep-mask [..., H] of rows with keys [...]."""
-    flat = row_keys.reshape(-1)
-    keep = jax.vmap(lambda k: jax.random.bernoulli(k, 1.0 - rate, (hidden,)))(flat)
-    return keep.reshape(*row_keys.shape, hidden)
-
-
 def expert_dropout_keep_mask(
     key: jax.Array,
     rate: float,
@@ -316,14 +295,17 @@ def expert_dropout_keep_mask(
     capacity: int,
     hidden: int,
 ) -> jax.Array:
-    """Keep-mask [E, B, C, H] for expert dropout, a function of (key, expert id, sequence id,
-    slot).
+    """Keep-mask [E, B, C, H] for expert dropout, a function of (key, expert id, sequence id).
 
-    Drawing per row makes the mask independent of how experts and sequences are spread over
-    devices or micro-batches, and of which rows are computed, so every strategy drops the
-    same units.
+    Drawing per (expert, sequence) makes the mask independent of how experts and sequences are
+    spread over devices or micro-batches, so every strategy drops the same units.
     """
-    return _row_keep_mask(dropout_row_keys(key, expert_ids, sequence_ids, capacity), rate, hidden)
+
+    def one(e: jax.Array, b: jax.Array) -> jax.Array:
+        k = jax.random.fold_in(jax.random.fold_in(key, e), b)
+        return jax.random.bernoulli(k, 1.0 - rate, (capacity, hidden))
+
+    return jax.vmap(lambda e: jax.vmap(lambda b: one(e, b))(sequence_ids))(expert_ids)
 
 
 def _dropped(hidden: jax.Array, keep: jax.Array | None, rate: float) -> jax.Array:
@@ -403,8 +385,8 @@ def expert_ffn_filled_slots(
     expert's rows), and a loop over the tiles runs the FFN on those that hold rows and skips the
     rest, so the work is that of the filled slots rounded up to whole tiles per expert, whatever
     the capacity: an expert device whose experts are cold does less. Shapes are static (one
-    program for every routing). Dropout draws each computed row's mask from its own key
-    (`dropout_row_keys`), the mask `expert_ffn` uses. Differentiable: the backward pass loops
+    program for every routing). Dropout uses the mask `expert_ffn` uses, drawn whole and
+    gathered into the tiles with their rows. Differentiable: the backward pass loops
     over the same tiles, adding each tile's weight gradient into its expert's slice. Empty
     slots come back zero, as in `expert_ffn`.
     """
@@ -431,16 +413,19 @@ def expert_ffn_filled_slots(
         jnp.sum(tile_start[:, None] >= expert_end[None, :], axis=1), num_experts - 1
     )
     active = jnp.arange(num_tiles) < filled_tiles(counts, tile_rows)
-    tile_keys = None
+    tile_keep = None
     if dropout_key is not None and dropout_rate > 0.0:
         if expert_ids is None:
             expert_ids = jnp.arange(num_experts)
         if sequence_ids is None:
             sequence_ids = jnp.arange(batch)
-        keys = dropout_row_keys(dropout_key, expert_ids, sequence_ids, capacity).reshape(-1)
-        keys = jnp.concatenate([keys, keys[:1]])  # the padding rows' (their rows are zero)
-        tile_keys = keys[source].reshape(num_tiles, tile_rows)
-    out = _tiles_ffn(tiles, wi, wo, tile_expert, active, tile_keys, dropout_rate, dtype)
+        hidden = wi.shape[-1]
+        keep = expert_dropout_keep_mask(
+            dropout_key, dropout_rate, expert_ids, sequence_ids, capacity, hidden
+        ).reshape(num_experts * rows, hidden)
+        keep = jnp.concatenate([keep, jnp.ones((1, hidden), bool)])  # the padding rows'
+        tile_keep = keep[source].reshape(num_tiles, tile_rows, hidden)
+    out = _tiles_ffn(tiles, wi, wo, tile_expert, active, tile_keep, dropout_rate, dtype)
     out = jnp.concatenate(
         [out.reshape(num_tiles * tile_rows, model_dim), jnp.zeros((1, model_dim))]
     )
@@ -451,13 +436,12 @@ def _tile_ffn(
     x: jax.Array,
     w_in: jax.Array,
     w_out: jax.Array,
-    keys: jax.Array | None,
+    keep: jax.Array | None,
     rate: float,
     dtype: jnp.dtype,
 ) -> jax.Array:
-    """One expert's FFN on one tile x[t, M] (dropout from the rows' keys), as `expert_ffn`."""
+    """One expert's FFN on one tile x[t, M] (dropout keep-mask [t, H]), as `expert_ffn`."""
     hidden = jax.nn.gelu(matmul("tm,mh->th", x, w_in, dtype))
-    keep = None if keys is None else _row_keep_mask(keys, rate, w_in.shape[-1])
     return matmul("th,hm->tm", _dropped(hidden, keep, rate), w_out, dtype)
 
 
@@ -469,33 +453,33 @@ def _tile_weights(wi: jax.Array, wo: jax.Array, e: jax.Array) -> tuple[jax.Array
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _tiles_ffn(tiles, wi, wo, tile_expert, active, tile_keys, rate, dtype):
+def _tiles_ffn(tiles, wi, wo, tile_expert, active, tile_keep, rate, dtype):
     """`_tile_ffn` on every active tile [T, t, M] (zeros for the others), one tile at a time."""
 
     def one(_: None, xs: tuple) -> tuple[None, jax.Array]:
-        x, e, on, keys = xs
-        compute = lambda x: _tile_ffn(x, *_tile_weights(wi, wo, e), keys, rate, dtype)  # noqa: E731
+        x, e, on, keep = xs
+        compute = lambda x: _tile_ffn(x, *_tile_weights(wi, wo, e), keep, rate, dtype)  # noqa: E731
         return None, jax.lax.cond(on, compute, lambda x: jnp.zeros_like(x, jnp.float32), x)
 
-    return jax.lax.scan(one, None, (tiles, tile_expert, active, tile_keys))[1]
+    return jax.lax.scan(one, None, (tiles, tile_expert, active, tile_keep))[1]
 
 
-def _tiles_ffn_fwd(tiles, wi, wo, tile_expert, active, tile_keys, rate, dtype):
-    out = _tiles_ffn(tiles, wi, wo, tile_expert, active, tile_keys, rate, dtype)
-    return out, (tiles, wi, wo, tile_expert, active, tile_keys)
+def _tiles_ffn_fwd(tiles, wi, wo, tile_expert, active, tile_keep, rate, dtype):
+    out = _tiles_ffn(tiles, wi, wo, tile_expert, active, tile_keep, rate, dtype)
+    return out, (tiles, wi, wo, tile_expert, active, tile_keep)
 
 
 def _tiles_ffn_bwd(rate, dtype, saved, d_out):
     """The active tiles again: each tile's VJP, its weight gradients added into its expert's
     slice of the sums (carried through the loop, so a tile touches only its expert's rows)."""
-    tiles, wi, wo, tile_expert, active, tile_keys = saved
+    tiles, wi, wo, tile_expert, active, tile_keep = saved
 
     def one(sums: tuple, xs: tuple) -> tuple[tuple, jax.Array]:
-        x, e, on, keys, d_y = xs
+        x, e, on, keep, d_y = xs
 
         def compute(sums: tuple) -> tuple[tuple, jax.Array]:
             w_in, w_out = _tile_weights(wi, wo, e)
-            _, vjp = jax.vjp(lambda x, a, b: _tile_ffn(x, a, b, keys, rate, dtype), x, w_in, w_out)
+            _, vjp = jax.vjp(lambda x, a, b: _tile_ffn(x, a, b, keep, rate, dtype), x, w_in, w_out)
             d_x, d_in, d_w_out = vjp(d_y)
             d_wi, d_wo = sums
             return (d_wi.at[e].add(d_in), d_wo.at[e].add(d_w_out)), d_x
@@ -503,7 +487,7 @@ def _tiles_ffn_bwd(rate, dtype, saved, d_out):
         return jax.lax.cond(on, compute, lambda sums: (sums, jnp.zeros_like(x)), sums)
 
     zeros = (jnp.zeros_like(wi), jnp.zeros_like(wo))
-    (d_wi, d_wo), d_tiles = jax.lax.scan(one, zeros, (tiles, tile_expert, active, tile_keys, d_out))
+    (d_wi, d_wo), d_tiles = jax.lax.scan(one, zeros, (tiles, tile_expert, active, tile_keep, d_out))
     return d_tiles, d_wi, d_wo, None, None, None
 
 

@@ -49,11 +49,12 @@ devices:
    process; across processes a collective permute in an exchange program over both pools,
    `CollectivePieceTransport`).
 3. *Expert stage* (a jitted ``shard_map`` on the expert pool): each device joins the pieces of all
-   shards and runs its experts' FFNs on the filled slots only, packed into tiles
-   (`ops.expert_ffn_filled_slots`: a device whose experts serve fewer tokens computes less; the
-   pieces keep their static shapes, so the bytes do not follow the load), with dropout drawn
-   per global expert id, sequence id and slot, so the masks equal the single-device model's;
-   then it cuts the output into the same pieces.
+   shards and runs its experts' FFNs: on every slot (``expert_compute: capacity``), or on the
+   filled slots only, packed into tiles (``filled_slots``, `ops.expert_ffn_filled_slots`: a
+   device whose experts serve fewer tokens computes less; the pieces keep their static shapes,
+   so the bytes do not follow the load), with dropout drawn per global expert id and sequence
+   id, so the masks equal the single-device model's; then it cuts the output into the same
+   pieces.
 4. *Back*: piece (j, s) returns to the device it came from. Nothing else crosses, so every routed
    row crosses once each way; the redistribution the attention pool needs (all-gather before,
    reduce-scatter after attention, the all-reduce over REP of the combine, one term per choice
