@@ -86,7 +86,8 @@ class MoE:
     capacity_factor: float | None = _key(
         "slots per expert and sequence: ceil(seq_tokens * top_k * capacity_factor / E); "
         "assignments past capacity are dropped (seed); null: dropless (seq_tokens slots, "
-        "no assignment dropped; the MA expert stage computes only the filled ones)"
+        "no assignment dropped; with ma_separation.expert_compute 'filled_slots' the MA expert "
+        "stage computes only the filled ones)"
     )
     load_balancing_loss: float = _key(
         "coefficient of the load-balancing loss E * sum_i f_i * P_i (seed)"

@@ -112,13 +112,19 @@ def dispatch(
     return x_with_empty[token_of_slot].reshape(num_experts, capacity, model_dim)
 
 
-def _picked(
-    expert_out: jax.Array, expert_index: jax.Array, position: jax.Array, keep: jax.Array
-) -> jax.Array:
-    """The expert output row of each of a token's choices [T, k, M] (any row where dropped)."""
+def _choices(
+    expert_out: jax.Array,
+    expert_index: jax.Array,
+    position: jax.Array,
+    keep: jax.Array,
+    gates: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """The expert output row of each of a token's choices [T, k, M] (any row where dropped) and
+    its weight [T, k] (its gate; zero where dropped)."""
     num_experts, capacity, model_dim = expert_out.shape
     slots = jnp.where(keep, expert_index * capacity + position, 0)
-    return expert_out.reshape(num_experts * capacity, model_dim)[slots]
+    picked = expert_out.reshape(num_experts * capacity, model_dim)[slots]
+    return picked, jnp.where(keep, gates, 0.0).astype(expert_out.dtype)
 
 
 def combine_terms(
@@ -130,8 +136,8 @@ def combine_terms(
 ) -> jax.Array:
     """Each token's gate-weighted expert outputs, one per choice: [T, k, M] (zero where dropped).
     `combine` is their sum over k."""
-    weights = jnp.where(keep, gates, 0.0).astype(expert_out.dtype)
-    return _picked(expert_out, expert_index, position, keep) * weights[..., None]
+    picked, weights = _choices(expert_out, expert_index, position, keep, gates)
+    return picked * weights[..., None]
 
 
 def combine(
@@ -146,6 +152,5 @@ def combine(
 
     A token whose assignments were all dropped gets zero (it passes through the residual).
     """
-    picked = _picked(expert_out, expert_index, position, keep)
-    weights = jnp.where(keep, gates, 0.0).astype(expert_out.dtype)
+    picked, weights = _choices(expert_out, expert_index, position, keep, gates)
     return jnp.einsum("tkm,tk->tm", picked, weights)

@@ -417,10 +417,9 @@ def test_bfloat16_equals_single_at_bfloat16(tiny_cfg, tokens):
         assert relative(got, want) <= 4 * BFLOAT16_STEP, path
     # Lowered for a GPU, a layer's attention and expert stages multiply bf16 operands; the
     # router and the combine stay float32 (8% of the attention stage's flops at these widths).
-    # The expert stage's products sit in its loop over tiles (counted once, as written).
     stages = runner.lower_stages(BATCH // 2, SEQ, platforms=("cuda",))
+    assert bfloat16_flop_fraction(*stages.values()) >= 0.98
     assert bfloat16_flop_fraction(stages["experts"]) == 1.0
-    assert bfloat16_flop_fraction(stages["attention"]) >= 0.9
 
 
 def test_gradient_checkpointing_keeps_only_stage_inputs(ma_runners, tiny_cfg, reference, tokens):

@@ -271,6 +271,12 @@ def expert_time_against_load(args: argparse.Namespace) -> list[dict[str, Any]]:
     shares = single.value_and_grad(single.from_canonical(canonical), tokens)[0]
     shares = np.asarray(shares["expert_fraction_by_layer"])
     key = jax.random.key(1)
+    expert_programs = {
+        program
+        for (pool, _), programs in measure.STAGE_PROGRAMS.items()
+        if pool == "experts"
+        for program in programs
+    }
     rows = []
     routers = (
         ("as initialised", canonical),
@@ -281,19 +287,13 @@ def expert_time_against_load(args: argparse.Namespace) -> list[dict[str, Any]]:
         runner = MARunner(cfg)
         placed = runner.from_canonical(params)
         for _ in range(args.warmup):
-            metrics, _ = jax.block_until_ready(runner.value_and_grad(placed, tokens, key))
+            jax.block_until_ready(runner.value_and_grad(placed, tokens, key))
         with tempfile.TemporaryDirectory() as directory:
             jax.profiler.start_trace(directory)
             for _ in range(args.repeats):
-                jax.block_until_ready(runner.value_and_grad(placed, tokens, key))
+                metrics, _ = jax.block_until_ready(runner.value_and_grad(placed, tokens, key))
             jax.profiler.stop_trace()
             runs = measure.program_runs(measure.newest_trace(directory))
-        expert_programs = {
-            program
-            for (pool, _), programs in measure.STAGE_PROGRAMS.items()
-            if pool == "experts"
-            for program in programs
-        }
         devices = [d.id for d in runner.expert_mesh.devices.flat]
         seconds = [
             sum(r.seconds for r in runs if r.device == d and r.program in expert_programs)
