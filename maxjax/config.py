@@ -119,11 +119,17 @@ class Interconnect:
 class Hardware:
     total_gpus: int = _key(
         "devices of the whole system; on CPU JAX emulates this many; "
-        "equals attention.gpus + moe.gpus (seed)"
+        "equals attention.gpus + moe.gpus + the failed devices (seed)"
     )
     gpu_type: str = _key("the seed's GPU, descriptive (seed)")
     gpu_memory: str = _key("the seed's GPU memory, descriptive (seed)")
     interconnect: Interconnect = _key("the seed's links (seed)")
+    failed_devices: tuple[int, ...] = _key(
+        "devices that have failed and are in neither pool: written by an attention failover "
+        "(`MARunner.fail_devices`) into the surviving layout it reports, and given with --set "
+        "to restart a job on that layout (maxjax)",
+        (),
+    )
 
 
 @_frozen
@@ -147,8 +153,10 @@ class Attention:
         "heads per attention device, in the order of devices; sums to model.attention_heads (seed)"
     )
     replication_factor: int = _key(
-        "1: no standby copy; 2: a standby copy of the neighbour's shard (checked, not used yet) "
-        "(seed)"
+        "2: every attention device also holds an exact standby copy of its ring predecessor's "
+        "head and vocabulary shard (parameters and AdamW moments, refreshed device to device "
+        "after every step), so a failed attention device is replaced without a restart; "
+        "1: no copy (seed)"
     )
 
 
@@ -532,11 +540,24 @@ def validate(cfg: Config) -> None:
         "ma_separation.moe.devices",
         f"must not overlap the attention devices (both hold {overlap})",
     )
+    failed = cfg.hardware.failed_devices
     _check(
-        att.gpus + pool.gpus == total,
+        len(set(failed)) == len(failed) and all(0 <= d < total for d in failed),
+        "hardware.failed_devices",
+        f"must list distinct devices in 0..{total - 1}",
+    )
+    in_pools = sorted(set(failed) & (set(att.devices) | set(pool.devices)))
+    _check(
+        not in_pools,
+        "hardware.failed_devices",
+        f"a failed device is in no pool, but {in_pools} is listed in one",
+    )
+    _check(
+        att.gpus + pool.gpus + len(failed) == total,
         "ma_separation.moe.gpus",
-        f"attention.gpus + moe.gpus must add up to hardware.total_gpus = {total}, "
-        f"got {att.gpus} + {pool.gpus}",
+        f"attention.gpus + moe.gpus (+ the failed devices) must add up to "
+        f"hardware.total_gpus = {total}, got {att.gpus} + {pool.gpus}"
+        + (f" + {len(failed)}" if failed else ""),
     )
     _check(
         len(att.head_distribution) == att.gpus,

@@ -2,7 +2,7 @@
 
     python -m maxjax.train [--config PATH] [--strategy ma|single|...] [--steps N]
                            [--checkpoint-dir DIR] [--set KEY=VALUE ...] [--allow-config-change]
-                           [--no-checkpoint]
+                           [--no-checkpoint] [--fail-device ID@STEP ...]
 
 Defaults: configs/tiny.yaml, strategy "ma", steps = schedule.total_steps, DIR =
 checkpoint.directory. Without an accelerator JAX emulates `hardware.total_gpus` CPU devices.
@@ -50,7 +50,7 @@ from maxjax.checkpoint import (
     restore_target,
 )
 from maxjax.cluster import wait_for_lost_peer
-from maxjax.config import Config, load_config
+from maxjax.config import Config, ConfigError, load_config
 from maxjax.data import TokenBatches, validation_batches
 from maxjax.evaluate import (
     USER_ERRORS,
@@ -65,6 +65,7 @@ from maxjax.evaluate import (
 )
 from maxjax.optim import learning_rate_schedule, make_optimizer
 from maxjax.parallel import Runner, TrainState, check_strategy, make_runner
+from maxjax.parallel.ma.failover import FailoverError
 from maxjax.parallel.mesh import fetch
 from maxjax.sync.loop import SyncLoop
 
@@ -226,6 +227,39 @@ def sync_loop(cfg: Config, strategy: str, runner: Runner, steps: int) -> SyncLoo
     return SyncLoop(cfg, runner)
 
 
+def parse_failures(items: list[str], cfg: Config, strategy: str) -> dict[int, list[int]]:
+    """`--fail-device ID@STEP` values as {step: [device ids]}: the devices fail during that step
+    (emulated in one process, `MARunner.fail_devices`). Raises ConfigError naming a bad one."""
+    failures: dict[int, list[int]] = {}
+    for item in items:
+        device, at, step = item.partition("@")
+        if not (at and device.strip().isdigit() and step.strip().isdigit()):
+            raise ConfigError("--fail-device", f"{item!r} must look like DEVICE@STEP, e.g. 5@6")
+        device_id, step_number = int(device), int(step)
+        if strategy != "ma":
+            raise ConfigError(
+                "--fail-device", f"failures are emulated for strategy 'ma' only, not {strategy!r}"
+            )
+        pools = {d: "attention" for d in cfg.attention_devices}
+        pools.update({d: "experts" for d in cfg.expert_devices})
+        if device_id not in pools:
+            raise ConfigError(
+                "--fail-device",
+                f"device {device_id} is in no pool (attention {list(cfg.attention_devices)}, "
+                f"experts {list(cfg.expert_devices)})",
+            )
+        if pools[device_id] == "experts":
+            raise ConfigError(
+                "--fail-device",
+                f"device {device_id} is an expert device: in-place recovery of expert devices "
+                "is not built (only attention devices fail over)",
+            )
+        if step_number < 1:
+            raise ConfigError("--fail-device", f"{item!r}: the step must be 1 or later")
+        failures.setdefault(step_number, []).append(device_id)
+    return failures
+
+
 def step_key(seed: int, step: int) -> jax.Array:
     """Dropout key of the step that starts at `step`: the same on every resume and strategy."""
     return jax.random.fold_in(jax.random.key(seed), step)
@@ -249,6 +283,23 @@ def training_step(
     return state, record, time.perf_counter() - start
 
 
+def fail_during_step(
+    runner: Runner,
+    state: TrainState,
+    batch: np.ndarray,
+    tx: optax.GradientTransformation,
+    seed: int,
+    devices: list[int],
+) -> tuple[TrainState, dict[str, Any]]:
+    """`devices` fail while the step after `state` runs: its forward and backward are computed
+    and lost, then the runner fails over (`MARunner.fail_devices`). Returns the rebuilt state
+    (to redo the step on) and the failure record."""
+    lost = runner.value_and_grad(state.params, global_batch(batch), step_key(seed, state.step))
+    jax.block_until_ready(lost)
+    del lost
+    return runner.fail_devices(state, devices, tx)
+
+
 def is_validation_step(step: int, interval: int, last_step: int) -> bool:
     """Validation runs every `interval` steps and after the last one."""
     return step % interval == 0 or step == last_step
@@ -270,8 +321,14 @@ def train(
     progress: bool = True,
     allow_config_change: bool = False,
     checkpoints: bool = True,
+    failures: dict[int, list[int]] | None = None,
 ) -> dict[str, Any]:
     """Train to step `steps` (default schedule.total_steps), resuming from `checkpoint_dir`.
+
+    `failures` ({step: [device ids]}, `parse_failures`) makes devices fail during a step: the
+    step's work is lost, the runner fails over in place (`MARunner.fail_devices`), the step is
+    redone and a failure record is logged; a failure that cannot be survived raises
+    FailoverError (checkpoints already written stay as they are).
 
     With `checkpoints=False` nothing is read from or written to the checkpoint directory but
     metrics.jsonl (a fresh run that cannot be resumed).
@@ -337,6 +394,12 @@ def train(
         store.save(state.step, runner.export_train_state(state), meta, cfg.to_dict())
 
     sync = sync_loop(cfg, strategy, runner, steps)
+    failures = dict(failures or {})
+    for past in sorted(s for s in failures if s <= state.step):
+        _note(f"--fail-device at step {past}: before the resumed step {state.step}, not injected")
+        del failures[past]
+    for late in sorted(s for s in failures if s > steps):
+        raise ConfigError("--fail-device", f"step {late} is after the last step {steps}")
     history: list[dict[str, Any]] = []
     val_loss = None
     bar = tqdm(
@@ -351,9 +414,22 @@ def train(
         while state.step < steps:
             step = state.step
             measured = sync is not None and sync.due(step + 1)
+            batch = next(train_data)
+            failure = None
+            if step + 1 in failures:
+                state, failure = fail_during_step(
+                    runner, state, batch, tx, cfg.training.seed, failures.pop(step + 1)
+                )
             with sync.measuring() if measured else contextlib.nullcontext():
-                state, record, seconds = training_step(
-                    runner, state, next(train_data), tx, cfg.training.seed
+                state, record, seconds = training_step(runner, state, batch, tx, cfg.training.seed)
+            if failure is not None:
+                failure["redone_step_seconds"] = seconds
+                log.write(failure)
+                history.append(failure)
+                _note(
+                    f"step {failure['step']}: device {failure['device']} failed; recovered in "
+                    f"{failure['recovery_seconds']:.2f} s on attention devices "
+                    f"{failure['layout']['attention_devices']}, step redone in {seconds:.2f} s"
                 )
             bad = [k for k in ("loss", "grad_norm") if not math.isfinite(record.get(k, 0.0))]
             if bad:
@@ -438,6 +514,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
+        "--fail-device",
+        dest="failures",
+        action="append",
+        default=[],
+        metavar="ID@STEP",
+        help="emulate the failure of device ID during step STEP (repeatable; strategy ma): the "
+        "run fails over in place and goes on",
+    )
+    parser.add_argument(
         "--no-checkpoint",
         action="store_true",
         help="neither resume from nor write checkpoints (only metrics.jsonl); such a run cannot "
@@ -453,6 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         setup_jax(cfg)
+        failures = parse_failures(args.failures, cfg, args.strategy)
         summary = train(
             cfg,
             args.strategy,
@@ -461,8 +547,9 @@ def main(argv: list[str] | None = None) -> int:
             not args.no_progress,
             args.allow_config_change,
             not args.no_checkpoint,
+            failures,
         )
-    except (*USER_ERRORS, TrainingError, ResumeError) as e:
+    except (*USER_ERRORS, TrainingError, ResumeError, FailoverError) as e:
         if debugging():
             raise
         print(f"maxjax.train: error: {one_line(e)}", file=sys.stderr)

@@ -8,6 +8,7 @@ buffer once however many arrays share it), adds the temporaries of the programs 
 plan's phase, device by device. The backward phases are sums of the parts checked here.
 """
 
+import gc
 import json
 
 import jax
@@ -28,7 +29,10 @@ TOLERANCE = 0.05
 
 
 def live_buffers() -> dict[tuple[int, int], tuple[int, int]]:
-    """{(device id, buffer address): (device index, bytes)} of every live array's shards."""
+    """{(device id, buffer address): (device index, bytes)} of every live array's shards.
+    Unreachable arrays are collected first: freed later, their addresses could be reused by
+    arrays the caller means to count."""
+    gc.collect()
     index = {d: i for i, d in enumerate(jax.devices())}
     out = {}
     for array in jax.live_arrays():

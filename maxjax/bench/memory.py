@@ -28,6 +28,7 @@ SHORT = {
     "token_states": "tokens",
     "kv_cache": "kv cache",
     "temporaries": "temp",
+    "standby": "standby",
 }
 
 

@@ -182,3 +182,10 @@ def zeros_on(shape: tuple[int, ...], dtype: Any, device: jax.Device) -> jax.Arra
         make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=SingleDeviceSharding(device))
         _ZEROS[key] = make()
     return _ZEROS[key]
+
+
+def forget_device(device: jax.Device) -> None:
+    """Drop what this module cached on `device` (a device that failed). The arrays are not
+    deleted: another runner in the process may still use that device."""
+    for key in [k for k in _ZEROS if k[2] == device.id]:
+        del _ZEROS[key]

@@ -51,6 +51,7 @@ PARTS = (
     "token_states",
     "kv_cache",
     "temporaries",
+    "standby",
 )
 
 
@@ -238,13 +239,27 @@ def update_programs(
     return out, at_init, states
 
 
-def optimizer_at_init(params: Any, at_init: dict[str, Any], devices: int) -> Phase:
+def optimizer_at_init(
+    params: Any, at_init: dict[str, Any], devices: int, **more: np.ndarray
+) -> Phase:
     """Right after `init_train_state`: the parameters and the optimizer state (`at_init`, per
-    pool, from `update_programs`)."""
+    pool, from `update_programs`), and any `more` parts alive from the start (MA's standby)."""
     state = sum(device_bytes(pool_state, devices) for pool_state in at_init.values())
     return _phase(
-        "optimizer init", devices, parameters=device_bytes(params, devices), optimizer_state=state
+        "optimizer init",
+        devices,
+        parameters=device_bytes(params, devices),
+        optimizer_state=state,
+        **more,
     )
+
+
+def standby_bytes(runner: Any, devices: int) -> np.ndarray:
+    """Per device: the standby copy of MA's attention replicas (replication_factor 2), its ring
+    predecessor's split parameters and both moments, alive in every phase; 0 elsewhere."""
+    out = np.zeros(devices)
+    out[list(runner.cfg.attention_devices)] = runner.standby_bytes()
+    return out
 
 
 def _pools(runner: Any, params: Any, devices: int) -> list[str]:
@@ -336,6 +351,7 @@ def plan_ma_training(
     in_flight = device_bytes(pieces, n) + device_bytes(expert_out, n)
 
     param_bytes = device_bytes(params, n)
+    standby = standby_bytes(runner, n)
     grads = params  # `Runner.value_and_grad`: gradients have the placement of the parameters
     # After the first round the sums of the earlier rounds' gradients are alive throughout.
     summed = device_bytes(grads, n) if rounds > 1 else np.zeros(n)
@@ -349,6 +365,7 @@ def plan_ma_training(
             n,
             parameters=param_bytes,
             optimizer_state=opt_bytes,
+            standby=standby,
             gradients=summed,
             residuals=sum(residual_of_layer),
             token_states=step_tokens
@@ -373,6 +390,7 @@ def plan_ma_training(
                 n,
                 parameters=param_bytes,
                 optimizer_state=opt_bytes,
+                standby=standby,
                 gradients=summed if rounds > 1 else head_grads + device_bytes(done, n) + embed,
                 residuals=sum(residual_of_layer[: depth + 1]),
                 token_states=step_tokens + cotangents + layers * micro * device_bytes(aux, n),
@@ -386,11 +404,12 @@ def plan_ma_training(
             n,
             parameters=param_bytes,
             optimizer_state=opt_bytes,
+            standby=standby,
             gradients=device_bytes(grads, n),
             temporaries=largest_temp(programs, updates, n),
         )
     )
-    phases.append(optimizer_at_init(params, at_init, n))
+    phases.append(optimizer_at_init(params, at_init, n, standby=standby))
     settings = {
         "batch": batch,
         "seq_len": seq_len,

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -28,6 +29,7 @@ from maxjax import compression, model
 from maxjax.config import Config
 from maxjax.model import decode
 from maxjax.model.transformer import Params, group_capacity
+from maxjax.parallel.ma import failover
 from maxjax.parallel.ma.layout import (
     ATTENTION_POOL,
     CACHE,
@@ -61,6 +63,7 @@ from maxjax.parallel.runner import (
     LayoutReport,
     Path,
     Runner,
+    TrainState,
     Tree,
     map_with_path,
     merge,
@@ -92,15 +95,25 @@ class MARunner(Runner):
         name = transport or cfg.ma_separation.transport
         if name not in TRANSPORTS:
             raise ValueError(f"unknown transport {name!r}; choose one of {sorted(TRANSPORTS)}")
+        if jax.process_count() > 1:
+            name = "collective"
+        self.transport_name = name
+        # Called (no arguments) by `value_and_grad` between the forward and the backward sweep,
+        # when every stage's saved residuals are alive: a place to measure memory. None: nothing.
+        self.between_sweeps: Callable[[], None] | None = None
+        self._build(cfg)
+
+    def _build(self, cfg: Config) -> None:
+        """Lay the runner out over `cfg`'s pools (at construction, and again over the surviving
+        devices after a failover); every placed constant and compiled program starts afresh."""
+        self.cfg = cfg
         self.layout = ParamLayout(cfg)
         self.heads = self.layout.heads
         self.experts = self.layout.experts
         self.attention_mesh = attention_submesh(cfg)
         self.expert_mesh = expert_submesh(cfg)
         self.attention_devices = list(self.attention_mesh.devices.flat)
-        if jax.process_count() > 1:
-            name = "collective"
-        self.transport = TRANSPORTS[name](self.attention_devices, self.expert_mesh)
+        self.transport = TRANSPORTS[self.transport_name](self.attention_devices, self.expert_mesh)
         self.vocab_size = self.layout.vocab_size
         self.padded_vocab = self.layout.padded_vocab
         self.num_layers = cfg.model.layers
@@ -109,14 +122,14 @@ class MARunner(Runner):
         self.compress = (
             cfg.ma_separation.synchronization.communication_compression == "8-bit quantization"
         )
+        self.replicas = cfg.ma_separation.attention.replication_factor
+        self.standby: dict[str, Tree] | None = None
+        self._standby_program: Any = None
         self._programs: dict[TokenSplit, StagePrograms] = {}
         self._gathers: dict[NamedSharding, Any] = {}
         self._constants: dict[tuple, jax.Array] = {}
         self._placed_order: dict[int, tuple[jax.Array, dict]] = {}
         self._summarize = jax.jit(functools.partial(summarize, cfg))
-        # Called (no arguments) by `value_and_grad` between the forward and the backward sweep,
-        # when every stage's saved residuals are alive: a place to measure memory. None: nothing.
-        self.between_sweeps: Callable[[], None] | None = None
         self._reset_counters()
 
     # --- layout --------------------------------------------------------------------------------
@@ -208,6 +221,50 @@ class MARunner(Runner):
             if layer in moved_experts:
                 moved += 3 * moved_experts[layer] * leaf.nbytes // leaf.shape[0]
         return state._replace(params=params, opt_state=opt_state), moved
+
+    # --- replicas and failover (`failover.py`) -------------------------------------------------
+
+    def init_train_state(self, params: Params, tx: optax.GradientTransformation) -> TrainState:
+        state = super().init_train_state(params, tx)
+        failover.refresh_standby(self, state)
+        return state
+
+    def import_train_state(self, *args: Any, **kwargs: Any) -> TrainState:
+        state = super().import_train_state(*args, **kwargs)
+        failover.refresh_standby(self, state)
+        return state
+
+    def train_step(
+        self,
+        state: TrainState,
+        tokens: jax.Array,
+        tx: optax.GradientTransformation,
+        rng: jax.Array | None = None,
+    ) -> tuple[TrainState, dict[str, jax.Array]]:
+        """As the base class, then the standby copies of the new attention shards are made
+        (with replication_factor 2; dispatched, not waited for)."""
+        state, metrics = super().train_step(state, tokens, tx, rng)
+        failover.refresh_standby(self, state)
+        return state, metrics
+
+    def fail_devices(
+        self, state: TrainState, devices: list[int], tx: optax.GradientTransformation
+    ) -> tuple[TrainState, dict[str, Any]]:
+        """Devices `devices` (config numbers) fail together: the runner and `state` are rebuilt
+        over the surviving devices from their shards and the failed devices' standby copies,
+        without a checkpoint. Returns (state, failure record). Raises FailoverError when that
+        cannot be done (`failover.fail_devices`)."""
+        return failover.fail_devices(self, state, devices, tx)
+
+    def fail_device(
+        self, state: TrainState, device: int, tx: optax.GradientTransformation
+    ) -> tuple[TrainState, dict[str, Any]]:
+        """`fail_devices` for one device."""
+        return self.fail_devices(state, [device], tx)
+
+    def standby_bytes(self) -> int:
+        """Bytes of the standby copy on each attention device (0 with replication_factor 1)."""
+        return failover.standby_bytes_per_device(self, self.abstract_params())
 
     def squared_norm(self, pool: str, grads: Tree) -> jax.Array:
         """As the base class; the expert pool's sums of squares are taken per expert and added

@@ -27,7 +27,6 @@ did not complete on CPU with gloo.)
 
 from __future__ import annotations
 
-import functools
 import math
 from collections import defaultdict
 from typing import Any
@@ -58,6 +57,7 @@ class PieceTransport:
         self.expert_mesh = expert_mesh
         self.expert_devices = list(expert_mesh.devices.flat)
         self.copies_dispatched = 0
+        self._templates: dict[tuple, tuple[int | jax.Array | None, ...]] = {}
 
     # --- single-device views ---------------------------------------------------------------------
 
@@ -151,13 +151,20 @@ class PieceTransport:
             pieces.append(jax.tree.unflatten(treedef, leaves))
         return tuple(pieces), crossed
 
-    @functools.cache  # noqa: B019 - one transport per runner, a few entries per split
     def _incoming_template(
         self, split: TokenSplit, j: int, block_shape: tuple, dtype: Any
     ) -> tuple[int | jax.Array | None, ...]:
         """The blocks of expert device j's incoming piece in mesh order: the sequence shard s
         whose copy goes there (an int), a zero block (a replica that receives nothing), or
-        None (a device of another process)."""
+        None (a device of another process). Made once per transport and key."""
+        key = (split, j, block_shape, np.dtype(dtype).str)
+        if key not in self._templates:
+            self._templates[key] = self._make_template(split, j, block_shape, dtype)
+        return self._templates[key]
+
+    def _make_template(
+        self, split: TokenSplit, j: int, block_shape: tuple, dtype: Any
+    ) -> tuple[int | jax.Array | None, ...]:
         template: list[int | jax.Array | None] = []
         for s in range(split.sequence_shards):
             for r in range(split.replicas):

@@ -1,0 +1,263 @@
+"""Attention replicas and in-place failover (seed §5.9).
+
+With ``ma_separation.attention.replication_factor: 2`` every attention device also holds a
+*standby copy* of its ring predecessor's shard: the head slots and vocabulary rows of the
+parameters and of both AdamW moments (the norms and the router are on every attention device
+already). `refresh_standby` makes the copy after every step: one program on the attention pool
+that shifts each split leaf one position along the ring (`lax.ppermute`, device to device), so
+the copy is bit for bit what its owner holds.
+
+When attention devices fail (`fail_devices`), the layout is rebuilt over the survivors: each
+failed device's heads join its standby's (`surviving_config`), the vocabulary is re-split over
+the smaller pool, and the state is rebuilt from what survives: every live device's own shard and,
+for a failed device, the standby's copy. Nothing is read from a failed device. A new ring of
+standbys is set up over the survivors, so a later failure is survived too; a shard is lost only
+when a device and its standby fail together (`FailoverError`). The step the failure interrupted
+is redone by the caller on the rebuilt state.
+
+This is emulation in one process: a "failed" device is one the runner stops using (its arrays
+are deleted), not a lost process; a lost process needs a restart from a checkpoint
+(tutorials/fault_tolerance.md). Rebuilding gathers the surviving shards through the host
+(one copy of the attention pool's state), which a multi-host system would do device to device.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from jax import lax
+
+from maxjax.config import Config, with_overrides
+from maxjax.parallel.ma.layout import ATTENTION_POOL, EXPERT_POOL
+from maxjax.parallel.mesh import ATTENTION_AXIS, forget_device
+from maxjax.parallel.runner import (
+    Path,
+    TrainState,
+    Tree,
+    map_with_path,
+    merge,
+    select,
+    tree_paths,
+)
+
+STANDBY_TREES = ("params", "mu", "nu")
+
+
+class FailoverError(RuntimeError):
+    """A device failure that cannot be survived in place (one line, for the user)."""
+
+
+def standby_position(position: int, pool_size: int) -> int:
+    """Position in the attention pool of the device that holds the copy of `position`'s shard."""
+    return (position + 1) % pool_size
+
+
+def surviving_config(cfg: Config, failed: Iterable[int]) -> Config:
+    """`cfg` laid out over the attention devices that survive `failed`: each failed device's
+    heads join its standby's count (the standby already holds their parameters), and the failed
+    devices are listed in `hardware.failed_devices`. Raises FailoverError when a shard lost both
+    copies or there is no copy."""
+    att = cfg.ma_separation.attention
+    failed = sorted(set(failed))
+    pool = list(att.devices)
+    lost = [d for d in failed if d in pool]
+    if not lost:
+        return cfg
+    if att.replication_factor < 2:
+        raise FailoverError(
+            f"attention device {lost[0]} failed and ma_separation.attention.replication_factor "
+            "is 1: its heads have no other copy; restart from the newest checkpoint"
+        )
+    heads = list(att.head_distribution)
+    for device in lost:
+        position = pool.index(device)
+        standby = pool[standby_position(position, len(pool))]
+        if standby in failed:
+            raise FailoverError(
+                f"attention devices {device} and {standby} failed together: {standby} held the "
+                f"only other copy of {device}'s shard (heads {_head_range(heads, position)}), "
+                "so it is lost; restart from the newest checkpoint"
+            )
+    for device in lost:
+        position = pool.index(device)
+        heads[standby_position(position, len(pool))] += heads[position]
+    keep = [i for i, d in enumerate(pool) if d not in failed]
+    devices = [pool[i] for i in keep]
+    overrides = [
+        f"ma_separation.attention.gpus={len(devices)}",
+        f"ma_separation.attention.devices={devices}",
+        f"ma_separation.attention.head_distribution={[heads[i] for i in keep]}",
+        f"hardware.failed_devices={sorted(set(cfg.hardware.failed_devices) | set(lost))}",
+    ]
+    return with_overrides(cfg, overrides)
+
+
+def _head_range(heads: list[int], position: int) -> str:
+    first = sum(heads[:position])
+    return f"{first}-{first + heads[position] - 1}"
+
+
+def is_split(runner: Any, path: Path) -> bool:
+    """An attention-pool leaf cut over the pool (head slots or vocabulary rows)."""
+    return runner.pool_of(path) == ATTENTION_POOL and ATTENTION_AXIS in runner.spec_of(path)
+
+
+def standby_source(runner: Any, exported: dict[str, Any]) -> dict[str, Tree]:
+    """The leaves a standby copies: the attention pool's split leaves of params, mu and nu."""
+    return {name: select(exported[name], lambda p: is_split(runner, p)) for name in STANDBY_TREES}
+
+
+def standby_program(runner: Any, source: dict[str, Tree]) -> Any:
+    """Jitted: every leaf of `source` shifted one position along the attention ring (shard a
+    lands on device a + 1); the previous copy (second argument) is donated."""
+    pool = len(runner.attention_devices)
+    ring = [(a, standby_position(a, pool)) for a in range(pool)]
+    specs = {
+        name: map_with_path(lambda p, _: runner.spec_of(p), tree) for name, tree in source.items()
+    }
+    shift = jax.shard_map(
+        lambda tree: jax.tree.map(lambda x: lax.ppermute(x, ATTENTION_AXIS, ring), tree),
+        mesh=runner.attention_mesh,
+        in_specs=(specs,),
+        out_specs=specs,
+    )
+    return jax.jit(lambda tree, previous: shift(tree), donate_argnums=1)
+
+
+def refresh_standby(runner: Any, state: TrainState) -> None:
+    """Copy the attention pool's shards of `state` to their standbys (replication_factor 2)."""
+    if runner.replicas < 2:
+        runner.standby = None
+        return
+    source = standby_source(runner, {"params": state.params, **moments(state)})
+    if runner._standby_program is None:
+        runner._standby_program = standby_program(runner, source)
+    runner.standby = runner._standby_program(source, runner.standby)
+
+
+def moments(state: TrainState) -> dict[str, Tree]:
+    """AdamW's first and second moments of every pool, merged into params-shaped trees."""
+    return {
+        name: merge(*(optax.tree_utils.tree_get(s, name) for s in state.opt_state.values()))
+        for name in ("mu", "nu")
+    }
+
+
+def standby_bytes_per_device(runner: Any, params: Tree) -> int:
+    """Bytes of the standby copy on one attention device: its predecessor's split leaves of the
+    parameters and both moments (the same shapes as its own)."""
+    if runner.replicas < 2:
+        return 0
+    total = 0
+    for path, leaf in tree_paths(params):
+        if is_split(runner, path):
+            total += leaf.size * leaf.dtype.itemsize // len(runner.attention_devices)
+    return len(STANDBY_TREES) * total
+
+
+def _surviving_leaf(
+    runner: Any, path: Path, leaf: jax.Array, copies: dict[Path, jax.Array], failed: set
+) -> np.ndarray:
+    """The whole MA-layout value of an attention-pool leaf from the survivors: each live device's
+    own shard, and a failed device's shard from its standby's copy (`copies`, by path)."""
+    shards = {shard.device: shard for shard in leaf.addressable_shards}
+    if not is_split(runner, path):
+        alive = next(s for d, s in shards.items() if d not in failed)
+        return np.asarray(alive.data)
+    copies = {shard.device: shard for shard in copies[path].addressable_shards}
+    devices = runner.attention_devices
+    blocks = []
+    for position, device in enumerate(devices):
+        if device in failed:
+            standby = devices[standby_position(position, len(devices))]
+            blocks.append(np.asarray(copies[standby].data))
+        else:
+            blocks.append(np.asarray(shards[device].data))
+    return np.concatenate(blocks, axis=tuple(runner.spec_of(path)).index(ATTENTION_AXIS))
+
+
+def fail_devices(
+    runner: Any, state: TrainState, devices: Iterable[int], tx: optax.GradientTransformation
+) -> tuple[TrainState, dict[str, Any]]:
+    """Devices `devices` (config numbers) fail together: rebuild the runner and `state` over the
+    survivors without reading from a failed device. Returns (state, failure record)."""
+    start = time.perf_counter()
+    failed_ids = sorted(set(devices))
+    cfg = runner.cfg
+    experts = [d for d in failed_ids if d in cfg.expert_devices]
+    unknown = [d for d in failed_ids if d not in cfg.attention_devices and d not in experts]
+    if unknown:
+        raise FailoverError(
+            f"device {unknown[0]} is in neither pool (attention {list(cfg.attention_devices)}, "
+            f"experts {list(cfg.expert_devices)})"
+        )
+    if experts:
+        raise FailoverError(
+            f"expert device {experts[0]} failed: in-place recovery of expert devices is not "
+            "built; restart from the newest checkpoint"
+        )
+    if jax.process_count() > 1:
+        raise FailoverError(
+            "in-place failover needs every device in one process; restart the job from the "
+            "newest checkpoint on the surviving devices"
+        )
+    new_cfg = surviving_config(cfg, failed_ids)
+    everything = jax.devices()
+    failed = {everything[d] for d in failed_ids}
+    exported = runner.export_train_state(state)
+    copies = runner.standby
+    copies_of = {n: dict(tree_paths(copies[n])) if copies else {} for n in STANDBY_TREES}
+    canonical: dict[str, Any] = {"count": exported["count"]}
+    for name in STANDBY_TREES:
+        pools = runner.split_pools(exported[name])
+        attention = map_with_path(
+            lambda p, x, name=name: runner.layout.from_layout(
+                p,
+                _surviving_leaf(runner, p, x, copies_of[name], failed),
+            ),
+            pools[ATTENTION_POOL],
+        )
+        expert = runner.to_canonical(pools[EXPERT_POOL])
+        canonical[name] = merge(attention, expert)
+    jax.block_until_ready(canonical)
+    old = [exported[n] for n in STANDBY_TREES] + [state.opt_state, copies]
+    order = runner.experts.order
+    runner._build(new_cfg)
+    runner.set_expert_order(order)
+    for leaf in jax.tree.leaves(old):
+        if isinstance(leaf, jax.Array) and not leaf.is_deleted():
+            leaf.delete()
+    for device in failed:
+        forget_device(device)
+    state = runner.import_train_state(canonical, state.step, tx)
+    jax.block_until_ready((state, runner.standby))
+    seconds = time.perf_counter() - start
+    return state, {
+        "event": "failure",
+        "step": state.step + 1,
+        "device": failed_ids[0] if len(failed_ids) == 1 else failed_ids,
+        "pool": "attention",
+        "recovery_seconds": seconds,
+        "tokens_served_fraction": 1.0,
+        "layout": surviving_layout(runner),
+    }
+
+
+def surviving_layout(runner: Any) -> dict[str, Any]:
+    """The layout a failover left: pools, heads per attention device, each device's standby."""
+    att = runner.cfg.ma_separation.attention
+    pool = list(att.devices)
+    return {
+        "attention_devices": pool,
+        "head_distribution": list(att.head_distribution),
+        "standby_of": {str(d): pool[standby_position(i, len(pool))] for i, d in enumerate(pool)}
+        if runner.replicas > 1
+        else {},
+        "expert_devices": list(runner.cfg.expert_devices),
+        "failed_devices": list(runner.cfg.hardware.failed_devices),
+    }

@@ -1,0 +1,192 @@
+"""Attention replicas and in-place failover (`maxjax.parallel.ma.failover`)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from maxjax import optim
+from maxjax.checkpoint import CheckpointStore
+from maxjax.config import ConfigError, with_overrides
+from maxjax.parallel import make_runner
+from maxjax.parallel.ma import failover
+from maxjax.parallel.runner import tree_paths
+
+# Without int8 compression: the layout over the survivors sums attention's partial outputs in
+# another order (float32 rounding, ~1e-7 relative); with it, a value that lands near an int8
+# rounding boundary can flip by one quantisation step, and early training amplifies that.
+NO_COMPRESSION = "ma_separation.synchronization.communication_compression=none"
+
+
+@pytest.fixture
+def cfg(tiny_cfg):
+    return with_overrides(tiny_cfg, ["model.layers=2", NO_COMPRESSION])
+
+
+def batches(count: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 50257, (8, 33), np.int32) for _ in range(count)]
+
+
+def canonical_state(runner, state) -> dict:
+    exported = runner.export_train_state(state)
+    return {name: runner.gather(exported[name]) for name in ("params", "mu", "nu")} | {
+        "count": int(exported["count"])
+    }
+
+
+def poisoned(tree, device):
+    """`tree` with every shard on `device` replaced by NaN (a failed device's memory)."""
+
+    def poison(x):
+        if not isinstance(x, jax.Array) or not jnp.issubdtype(x.dtype, jnp.floating):
+            return x
+        shards = [
+            jax.device_put(jnp.full(s.data.shape, jnp.nan, x.dtype), device)
+            if s.device == device
+            else s.data
+            for s in x.addressable_shards
+        ]
+        return jax.make_array_from_single_device_arrays(x.shape, x.sharding, shards)
+
+    return jax.tree.map(poison, tree)
+
+
+def test_surviving_config_gives_a_failed_devices_heads_to_its_standby(cfg):
+    heads = list(cfg.ma_separation.attention.head_distribution)
+    after = failover.surviving_config(cfg, [5])
+    att = after.ma_separation.attention
+    assert list(att.devices) == [0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 11]
+    assert att.gpus == 11 and after.hardware.failed_devices == (5,)
+    assert list(att.head_distribution) == heads[:5] + [heads[5] + heads[6]] + heads[7:]
+    # The ring closes: the last device's standby is the first.
+    wrapped = failover.surviving_config(cfg, [11]).ma_separation.attention
+    assert wrapped.head_distribution[0] == heads[0] + heads[11]
+    # A second failure on the survivors' ring: device 6 now holds 5's heads too, 7 its copy.
+    twice = failover.surviving_config(after, [6]).ma_separation.attention
+    assert twice.head_distribution[5] == heads[5] + heads[6] + heads[7]
+    with pytest.raises(failover.FailoverError, match="5 and 6 failed together"):
+        failover.surviving_config(cfg, [5, 6])
+    single_copy = with_overrides(cfg, ["ma_separation.attention.replication_factor=1"])
+    with pytest.raises(failover.FailoverError, match="replication_factor is 1"):
+        failover.surviving_config(single_copy, [5])
+    with pytest.raises(ConfigError, match="hardware.failed_devices"):
+        with_overrides(cfg, ["hardware.failed_devices=[3]"])
+
+
+def test_standby_is_exact_and_failover_continues_the_same_run(cfg):
+    tx = optim.make_optimizer(cfg)
+    data = batches(5)
+
+    def step(runner, state, i):
+        state, metrics = runner.train_step(state, data[i], tx, jax.random.key(i))
+        return state, float(metrics["loss"])
+
+    reference = make_runner(cfg, "ma")
+    state = reference.init_train_state(reference.init(0), tx)
+    want = []
+    for i in range(5):
+        state, loss = step(reference, state, i)
+        want.append(loss)
+    del reference, state
+
+    runner = make_runner(cfg, "ma")
+    state = runner.init_train_state(runner.init(0), tx)
+    got = []
+    for i in range(2):
+        state, loss = step(runner, state, i)
+        got.append(loss)
+
+    # Every attention device's standby holds its ring predecessor's shards, bit for bit.
+    devices = runner.attention_devices
+    source = failover.standby_source(runner, {"params": state.params, **failover.moments(state)})
+    checked = 0
+    for name in failover.STANDBY_TREES:
+        for (path, own), (_, copy) in zip(
+            tree_paths(source[name]), tree_paths(runner.standby[name]), strict=True
+        ):
+            owned = {s.device: np.asarray(s.data) for s in own.addressable_shards}
+            copied = {s.device: np.asarray(s.data) for s in copy.addressable_shards}
+            for a, device in enumerate(devices):
+                standby = devices[failover.standby_position(a, len(devices))]
+                np.testing.assert_array_equal(copied[standby], owned[device], str(path))
+                checked += 1
+    assert checked > 0
+    assert runner.standby_bytes() > 0
+    del source, own, copy, owned, copied
+
+    # Device 5 fails: whatever it held is garbage now; nothing may read it.
+    dead = jax.devices()[5]
+    before = canonical_state(runner, state)
+    state = poisoned_state = state._replace(
+        params=poisoned(state.params, dead), opt_state=poisoned(state.opt_state, dead)
+    )
+    runner.standby = poisoned(runner.standby, dead)
+    state, record = runner.fail_device(state, 5, tx)
+    assert record["event"] == "failure" and record["pool"] == "attention"
+    assert record["device"] == 5 and record["tokens_served_fraction"] == 1.0
+    assert record["recovery_seconds"] > 0
+    assert 5 not in record["layout"]["attention_devices"]
+    after = canonical_state(runner, state)
+    for name in ("params", "mu", "nu"):
+        for (path, a), (_, b) in zip(
+            tree_paths(before[name]), tree_paths(after[name]), strict=True
+        ):
+            np.testing.assert_array_equal(a, b, f"{name} {path}")
+    assert after["count"] == before["count"]
+    # Nothing the run holds is on the failed device, and what it held there is deleted.
+    held = (state, runner.standby, runner._constants, runner.transport._templates)
+    on_dead = [x for x in jax.tree.leaves(held) if isinstance(x, jax.Array) and dead in x.devices()]
+    assert not on_dead, [x.shape for x in on_dead]
+    old = [x for x in jax.tree.leaves(poisoned_state) if isinstance(x, jax.Array)]
+    assert old and all(x.is_deleted() for x in old)
+
+    state, loss = step(runner, state, 2)
+    got.append(loss)
+    # A second failure on the new ring: device 6 (now holding 5's heads too) fails.
+    state, second = runner.fail_device(state, 6, tx)
+    assert second["layout"]["attention_devices"] == [0, 1, 2, 3, 4, 7, 8, 9, 10, 11]
+    assert second["layout"]["failed_devices"] == [5, 6]
+    for i in (3, 4):
+        state, loss = step(runner, state, i)
+        got.append(loss)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def run_train(args: list[str], tmp_path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "maxjax.train", "--config", "configs/tiny.yaml", "--no-progress"]
+        + ["--checkpoint-dir", str(tmp_path), "--set", "model.layers=2"]
+        + ["--set", "checkpoint.interval_steps=1", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_train_fails_over_in_place_and_ends_cleanly_when_both_copies_are_lost(tmp_path):
+    done = run_train(["--steps", "3", "--fail-device", "5@2"], tmp_path / "once")
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in (tmp_path / "once" / "metrics.jsonl").open()]
+    failures = [r for r in records if r.get("event") == "failure"]
+    assert len(failures) == 1 and failures[0]["step"] == 2 and failures[0]["device"] == 5
+    assert failures[0]["recovery_seconds"] > 0 and failures[0]["redone_step_seconds"] > 0
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+
+    lost = run_train(
+        ["--steps", "3", "--fail-device", "5@2", "--fail-device", "6@2"], tmp_path / "both"
+    )
+    assert lost.returncode == 1
+    lines = lost.stderr.strip().splitlines()
+    assert len(lines) == 1 and "5 and 6 failed together" in lines[0], lost.stderr
+    assert "Traceback" not in lost.stderr
+    assert CheckpointStore(tmp_path / "both").steps() == [1]  # step 1's checkpoint is intact
+
+    refused = run_train(["--steps", "3", "--fail-device", "13@2"], tmp_path / "expert")
+    assert refused.returncode == 1 and "expert device" in refused.stderr
