@@ -22,7 +22,10 @@ lines after the restored step are dropped first. A resume whose batch, sequence 
 source or model differs from the checkpoint's config stops with one line naming the difference
 (`--allow-config-change` accepts it). Only finite parameters and optimizer states are saved (one
 on-device check per save); a non-finite loss, gradient norm or state stops the run with one line
-naming the newest good checkpoint, which a resume uses. Refused input ends with one line on stderr
+naming the newest good checkpoint, which a resume uses. `--fail-device ID@STEP` emulates the
+failure of an attention device during a step: the runner fails over to the standby copies in
+place (`maxjax.parallel.ma.failover`), the step is redone and a failure record is logged. Refused
+input ends with one line on stderr
 (MAXJAX_DEBUG=1 shows the traceback instead). On a cluster the same command runs once per
 host (see tutorials/cluster.md).
 """

@@ -11,6 +11,10 @@ BENCHMARKS = {
     "project": ("maxjax.bench.project", "Projected paper-scale tables, planner, CPU/GPU checks"),
     "memory": ("maxjax.bench.memory", "Memory plan per device and part (no allocation)"),
     "ma-step": ("maxjax.bench.ma_step", "MA separation vs single: step time, bytes, programs"),
+    "failover": (
+        "maxjax.bench.failover",
+        "Seed §5.9: replica cost, in-place failover, throughput with failed devices, restart",
+    ),
     "convergence": (
         "maxjax.bench.convergence",
         "Seed §6: convergence of single, MA (float32 / int8 traffic), TP x PP over seeds",

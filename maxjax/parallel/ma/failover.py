@@ -17,7 +17,7 @@ is redone by the caller on the rebuilt state.
 
 This is emulation in one process: a "failed" device is one the runner stops using (its arrays
 are deleted), not a lost process; a lost process needs a restart from a checkpoint
-(tutorials/fault_tolerance.md). Rebuilding gathers the surviving shards through the host
+(tutorials/cluster.md). Rebuilding gathers the surviving shards through the host
 (one copy of the attention pool's state), which a multi-host system would do device to device.
 """
 
