@@ -12,6 +12,8 @@ On 16 emulated CPU devices (set up here before JAX starts), for the tiny config:
 - bytes per layer each way between the pools, with and without 8-bit compression (from shapes),
   and the bytes the attention pool's collectives move inside it;
 - programs and device-to-device copies dispatched per step;
+- the attention replicas' standby copy per attention device (``replication_factor: 2``); the
+  time its refresh adds to a training step is measured by ``python -m maxjax.bench failover``;
 - expert work against load (``--load``): the expert programs' time on each expert device
   (forward and backward, from a profiler trace of ``--repeats`` steps) beside the routed
   assignments it serves, for the model as initialised and for the same model with each layer's
@@ -154,6 +156,8 @@ def measure_steps(args: argparse.Namespace) -> dict[str, Any]:
         "copies_per_step": copies,
         "bytes_moved_per_step": dict(ma.bytes_moved),
         "bytes_per_layer": bytes_by_setting,
+        "replication_factor": ma.replicas,
+        "standby_bytes_per_attention_device": ma.standby_bytes(),
     }
 
 
@@ -369,6 +373,11 @@ def _report(result: dict[str, Any]) -> None:
         )
     print(f"  device-to-device copies per step: {steps['copies_per_step']}")
     print(f"  bytes moved in one step (counted by the runner): {steps['bytes_moved_per_step']}")
+    print(
+        f"  replication_factor {steps['replication_factor']}: standby copy "
+        f"{steps['standby_bytes_per_attention_device'] / 2**20:.1f} MiB per attention device, "
+        "refreshed after each training step (its time: python -m maxjax.bench failover)"
+    )
     for row in result.get("load", []):
         print(
             f"  expert work per device, router {row['router']!r}, expert_compute "
