@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
@@ -170,15 +169,9 @@ def run_train(args: list[str], tmp_path) -> subprocess.CompletedProcess:
     )
 
 
-def test_train_fails_over_in_place_and_ends_cleanly_when_both_copies_are_lost(tmp_path):
-    done = run_train(["--steps", "3", "--fail-device", "5@2"], tmp_path / "once")
-    assert done.returncode == 0, done.stderr
-    records = [json.loads(line) for line in (tmp_path / "once" / "metrics.jsonl").open()]
-    failures = [r for r in records if r.get("event") == "failure"]
-    assert len(failures) == 1 and failures[0]["step"] == 2 and failures[0]["device"] == 5
-    assert failures[0]["recovery_seconds"] > 0 and failures[0]["redone_step_seconds"] > 0
-    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
-
+def test_train_ends_with_one_line_when_both_copies_are_lost(tmp_path):
+    # A run that fails over and goes on is notebook 09's (train with failures, its records and
+    # losses checked there); here the runs that cannot go on.
     lost = run_train(
         ["--steps", "3", "--fail-device", "5@2", "--fail-device", "6@2"], tmp_path / "both"
     )
@@ -188,5 +181,7 @@ def test_train_fails_over_in_place_and_ends_cleanly_when_both_copies_are_lost(tm
     assert "Traceback" not in lost.stderr
     assert CheckpointStore(tmp_path / "both").steps() == [1]  # step 1's checkpoint is intact
 
-    refused = run_train(["--steps", "3", "--fail-device", "13@2"], tmp_path / "expert")
-    assert refused.returncode == 1 and "expert device" in refused.stderr
+    for bad, says in [("13@2", "expert device"), ("20@2", "in no pool"), ("5", "DEVICE@STEP")]:
+        refused = run_train(["--steps", "3", "--fail-device", bad], tmp_path / "refused")
+        assert refused.returncode == 1, refused.stderr
+        assert refused.stderr.count("\n") == 1 and says in refused.stderr, refused.stderr
