@@ -234,18 +234,14 @@ class MARunner(Runner):
         failover.refresh_standby(self, state)
         return state
 
-    def train_step(
-        self,
-        state: TrainState,
-        tokens: jax.Array,
-        tx: optax.GradientTransformation,
-        rng: jax.Array | None = None,
-    ) -> tuple[TrainState, dict[str, jax.Array]]:
+    def apply_gradients(
+        self, state: TrainState, grads: Params, tx: optax.GradientTransformation
+    ) -> tuple[TrainState, jax.Array]:
         """As the base class, then the standby copies of the new attention shards are made
         (with replication_factor 2; dispatched, not waited for)."""
-        state, metrics = super().train_step(state, tokens, tx, rng)
+        state, grad_norm = super().apply_gradients(state, grads, tx)
         failover.refresh_standby(self, state)
-        return state, metrics
+        return state, grad_norm
 
     def fail_devices(
         self, state: TrainState, devices: list[int], tx: optax.GradientTransformation
