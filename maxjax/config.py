@@ -165,7 +165,8 @@ class MoEPool:
     gpus: int = _key("size of the expert pool (seed)")
     devices: tuple[int, ...] = _key("the expert pool's device numbers (seed comment)")
     experts_per_gpu: int = _key(
-        "experts per expert device and layer; times gpus equals experts_per_layer (seed)"
+        "expert slots per expert device and layer: experts_per_layer / gpus, rounded up when "
+        "they do not divide (after an expert device failed; the extra slots stay empty) (seed)"
     )
     expert_mapping: dict[str, tuple[int, ...]] = _key(
         "which experts live on which expert device, keys gpu_<d>; a partition of 0..E-1 (seed)"
@@ -581,10 +582,11 @@ def validate(cfg: Config) -> None:
         "must be 1 (no standby copy) or 2 (one standby copy per shard)",
     )
     _check(
-        pool.experts_per_gpu * pool.gpus == moe.experts_per_layer,
+        pool.experts_per_gpu == -(-moe.experts_per_layer // pool.gpus),
         "ma_separation.moe.experts_per_gpu",
-        f"experts_per_gpu * moe.gpus must equal moe.experts_per_layer = "
-        f"{moe.experts_per_layer}, got {pool.experts_per_gpu} * {pool.gpus}",
+        f"experts_per_gpu * moe.gpus must hold moe.experts_per_layer = "
+        f"{moe.experts_per_layer} with less than one device's worth to spare "
+        f"(experts_per_layer / gpus rounded up), got {pool.experts_per_gpu} * {pool.gpus}",
     )
     expected_keys = {f"gpu_{d}" for d in pool.devices}
     _check(
@@ -594,10 +596,12 @@ def validate(cfg: Config) -> None:
         f"got {sorted(pool.expert_mapping)}",
     )
     for name, experts in pool.expert_mapping.items():
+        even = pool.experts_per_gpu * pool.gpus == moe.experts_per_layer
         _check(
-            len(experts) == pool.experts_per_gpu,
+            len(experts) == pool.experts_per_gpu if even else len(experts) <= pool.experts_per_gpu,
             f"ma_separation.moe.expert_mapping.{name}",
-            f"must hold experts_per_gpu = {pool.experts_per_gpu} experts, got {len(experts)}",
+            f"must hold {'' if even else 'at most '}experts_per_gpu = {pool.experts_per_gpu} "
+            f"experts, got {len(experts)}",
         )
     all_experts = sorted(e for es in pool.expert_mapping.values() for e in es)
     _check(

@@ -23,8 +23,10 @@ source or model differs from the checkpoint's config stops with one line naming 
 (`--allow-config-change` accepts it). Only finite parameters and optimizer states are saved (one
 on-device check per save); a non-finite loss, gradient norm or state stops the run with one line
 naming the newest good checkpoint, which a resume uses. `--fail-device ID@STEP` emulates the
-failure of an attention device during a step: the runner fails over to the standby copies in
-place (`maxjax.parallel.ma.failover`), the step is redone and a failure record is logged. Refused
+failure of a device during a step: an attention device's shard is taken over from its standby
+copy, an expert device's experts move to the surviving expert devices (restored from the newest
+checkpoint), in place (`maxjax.parallel.ma.failover`); the step is redone and a failure record is
+logged. Refused
 input ends with one line on stderr
 (MAXJAX_DEBUG=1 shows the traceback instead). On a cluster the same command runs once per
 host (see tutorials/cluster.md).
@@ -243,19 +245,11 @@ def parse_failures(items: list[str], cfg: Config, strategy: str) -> dict[int, li
             raise ConfigError(
                 "--fail-device", f"failures are emulated for strategy 'ma' only, not {strategy!r}"
             )
-        pools = {d: "attention" for d in cfg.attention_devices}
-        pools.update({d: "experts" for d in cfg.expert_devices})
-        if device_id not in pools:
+        if device_id not in (*cfg.attention_devices, *cfg.expert_devices):
             raise ConfigError(
                 "--fail-device",
                 f"device {device_id} is in no pool (attention {list(cfg.attention_devices)}, "
                 f"experts {list(cfg.expert_devices)})",
-            )
-        if pools[device_id] == "experts":
-            raise ConfigError(
-                "--fail-device",
-                f"device {device_id} is an expert device: in-place recovery of expert devices "
-                "is not built (only attention devices fail over)",
             )
         if step_number < 1:
             raise ConfigError("--fail-device", f"{item!r}: the step must be 1 or later")
@@ -293,14 +287,33 @@ def fail_during_step(
     tx: optax.GradientTransformation,
     seed: int,
     devices: list[int],
+    lost_experts: Any = None,
 ) -> tuple[TrainState, dict[str, Any]]:
     """`devices` fail while the step after `state` runs: its forward and backward are computed
-    and lost, then the runner fails over (`MARunner.fail_devices`). Returns the rebuilt state
-    (to redo the step on) and the failure record."""
+    and lost, then the runner fails over (`MARunner.fail_devices`; a failed expert device's
+    experts come from `lost_experts`). Returns the rebuilt state (to redo the step on) and the
+    failure record."""
     lost = runner.value_and_grad(state.params, global_batch(batch), step_key(seed, state.step))
     jax.block_until_ready(lost)
     del lost
-    return runner.fail_devices(state, devices, tx)
+    return runner.fail_devices(state, devices, tx, lost_experts)
+
+
+def experts_from_checkpoint(cfg: Config, store: CheckpointStore, runner: Runner) -> Any:
+    """The source of a failed expert device's experts: the newest checkpoint (read to the host
+    in the single-device layout; only the lost experts are taken from it), or their initial
+    values when none has been written."""
+    from maxjax.parallel.ma.failover import initial_experts
+
+    def source() -> tuple[dict[str, Any], str]:
+        store.wait()
+        if not store.steps():
+            return initial_experts(runner)()
+        step, exported, _, _ = store.restore(model.abstract_params(cfg), warn=_warn)
+        trees = {k: jax.tree.map(np.asarray, exported[k]) for k in ("params", "mu", "nu")}
+        return trees, f"checkpoint of step {step}"
+
+    return source
 
 
 def is_validation_step(step: int, interval: int, last_step: int) -> bool:
@@ -420,19 +433,24 @@ def train(
             batch = next(train_data)
             failure = None
             if step + 1 in failures:
+                source = experts_from_checkpoint(cfg, store, runner) if checkpoints else None
                 state, failure = fail_during_step(
-                    runner, state, batch, tx, cfg.training.seed, failures.pop(step + 1)
+                    runner, state, batch, tx, cfg.training.seed, failures.pop(step + 1), source
                 )
+                if failure["pool"] == "experts" and sync is not None:
+                    sync = None
+                    _note("sync loop off after an expert-device failover")
             with sync.measuring() if measured else contextlib.nullcontext():
                 state, record, seconds = training_step(runner, state, batch, tx, cfg.training.seed)
             if failure is not None:
                 failure["redone_step_seconds"] = seconds
                 log.write(failure)
                 history.append(failure)
+                pool = "attention" if failure["pool"] == "attention" else "expert"
                 _note(
-                    f"step {failure['step']}: device {failure['device']} failed; recovered in "
-                    f"{failure['recovery_seconds']:.2f} s on attention devices "
-                    f"{failure['layout']['attention_devices']}, step redone in {seconds:.2f} s"
+                    f"step {failure['step']}: {pool} device {failure['device']} failed; recovered "
+                    f"in {failure['recovery_seconds']:.2f} s on {pool} devices "
+                    f"{failure['layout'][pool + '_devices']}, step redone in {seconds:.2f} s"
                 )
             bad = [k for k in ("loss", "grad_norm") if not math.isfinite(record.get(k, 0.0))]
             if bad:

@@ -33,12 +33,17 @@
 #   device's heads join its standby's), rebuilds the state from the survivors' shards and the
 #   standby copies (nothing is read from the failed device), sets up a new ring of standbys and
 #   redoes the interrupted step: no restart, no checkpoint read;
-# - a shard whose two copies fail together ends the run with one line.
+# - a shard whose two copies fail together ends the run with one line;
+# - **an expert device** that fails hands its experts to the surviving expert devices (16
+#   experts on 3 devices: 6 slots each, two of them empty), their weights and AdamW moments
+#   restored from the newest checkpoint (their initial values before the first one); the other
+#   experts keep their state. The interrupted step is redone once they are back, so every routed
+#   assignment is served (`tokens_served_fraction` 1.0); the restored experts lose the steps
+#   since that checkpoint.
 #
-# What it does not: an **expert device** failure is refused (its recovery is not built), so the
-# seed's 99.2% has no measured counterpart here; a failure is **emulated** in one process (the
-# runner stops using the device and deletes its arrays), and a lost *process* needs a restart
-# from a checkpoint (`tutorials/cluster.md`), which section 3 times on the same config.
+# A failure is **emulated** in one process (the runner stops using the device and deletes its
+# arrays); a lost *process* needs a restart from a checkpoint (`tutorials/cluster.md`), which
+# section 3 times on the same config.
 
 # %%
 # First: 16 emulated devices, set before JAX starts (restart the kernel to change them).
@@ -67,11 +72,13 @@ from maxjax.train import train  # noqa: E402
 REPO = Path.cwd() if (Path.cwd() / "maxjax").is_dir() else Path.cwd().parent
 
 # %% [markdown]
-# ## 1 · A training run with two attention failures
+# ## 1 · A training run with an attention and an expert failure
 #
 # The tiny config with 2 layers, 8 steps, trained twice: once as it is, once with attention
-# device 5 failing during step 3 and device 6 (which holds device 5's heads by then) during step
-# 6. The 8-bit compression of the traffic between the pools is off here: the layout over fewer
+# device 5 failing during step 3 and expert device 13 during step 6 (no checkpoint is written in
+# this run, so device 13's experts restart from their initial values). Until step 6 the two runs
+# must agree; after it the four restored experts (of 16, in each layer) have lost five steps of
+# training. The 8-bit compression of the traffic between the pools is off here: the layout over fewer
 # devices adds attention's partial outputs in another order (float32 rounding, about 1e-7
 # relative), and with compression on a value that lands on an int8 rounding boundary flips by one
 # quantisation step, which early training amplifies (measured on the 4-layer tiny config: the
@@ -85,9 +92,9 @@ overrides = [
     "schedule.warmup_steps=3",
 ]
 cfg = load_config(REPO / "configs" / "tiny.yaml", overrides)
-FAILURES = {3: [5], 6: [6]}
+FAILURES = {3: [5], 6: [13]}
 runs = {}
-for name, failures in [("no failure", None), ("devices 5 and 6 fail", FAILURES)]:
+for name, failures in [("no failure", None), ("devices 5 and 13 fail", FAILURES)]:
     with tempfile.TemporaryDirectory() as directory:
         runs[name] = train(
             cfg,
@@ -101,11 +108,13 @@ for name, failures in [("no failure", None), ("devices 5 and 6 fail", FAILURES)]
 losses = {
     name: np.array([r["loss"] for r in run["history"] if "loss" in r]) for name, run in runs.items()
 }
-records = [r for r in runs["devices 5 and 6 fail"]["history"] if r.get("event") == "failure"]
-difference = np.max(np.abs(losses["devices 5 and 6 fail"] / losses["no failure"] - 1))
-print(f"largest relative loss difference over the 8 steps: {difference:.2e}")
-assert difference <= 1e-5
-assert len(records) == 2
+failed = "devices 5 and 13 fail"
+records = [r for r in runs[failed]["history"] if r.get("event") == "failure"]
+relative = np.abs(losses[failed] / losses["no failure"] - 1)
+print(f"largest relative loss difference, steps 1-5: {relative[:5].max():.2e}")
+print(f"relative loss difference from step 6 (experts restored): {np.round(relative[5:], 4)}")
+assert relative[:5].max() <= 1e-5
+assert [r["pool"] for r in records] == ["attention", "experts"]
 
 # %%
 fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -127,7 +136,15 @@ for record in records:
         f"step {record['step']}: device {record['device']} ({record['pool']}) failed; recovery "
         f"{record['recovery_seconds']:.2f} s, redone step {record['redone_step_seconds']:.2f} s "
         f"(compiles the new layout); attention devices {layout['attention_devices']}, heads "
-        f"{layout['head_distribution']}, tokens served {record['tokens_served_fraction']:.0%}"
+        f"{layout['head_distribution']}; expert devices {layout['expert_devices']}, "
+        f"{layout['expert_slots_per_device']} slots each; tokens served "
+        f"{record['tokens_served_fraction']:.0%}"
+        + (
+            f"; experts {record['experts_restored'][0]} restored from "
+            f"{record['experts_restored_from']}"
+            if record["pool"] == "experts"
+            else ""
+        )
     )
 
 # %% [markdown]
@@ -203,3 +220,9 @@ plt.show()
 # noise of the measurement, rather than falling linearly as on GPUs, where each lost device
 # takes its share of the machine with it (its heads now run on the standby, which does twice the
 # attention work). The seed's "linear degradation" needs devices of their own to be measured.
+#
+# The seed's 99.2% for expert failures: here every routed assignment is served across an expert
+# failover (the redone step waits for the experts to be back), and what an expert failure costs
+# is the restored experts' progress since the newest checkpoint (section 1: the loss after step
+# 6) and the recovery time printed there (which includes compiling the programs of the padded
+# expert layout).

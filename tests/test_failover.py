@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ from maxjax import optim
 from maxjax.checkpoint import CheckpointStore
 from maxjax.config import ConfigError, with_overrides
 from maxjax.parallel import make_runner
-from maxjax.parallel.ma import failover
+from maxjax.parallel.ma import ExpertOrder, failover
 from maxjax.parallel.runner import tree_paths
 
 # Without int8 compression: the layout over the survivors sums attention's partial outputs in
@@ -158,6 +159,74 @@ def test_standby_is_exact_and_failover_continues_the_same_run(cfg):
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
+def test_padded_expert_layout_computes_the_same_function(cfg):
+    # 16 experts on the 3 expert devices left after device 13 fails: 6 slots each, 2 empty.
+    three, order = failover.surviving_experts(cfg, ExpertOrder.from_config(cfg), [13])
+    assert three.ma_separation.moe.experts_per_gpu == 6 and three.expert_devices == (12, 14, 15)
+    assert order.num_rows == 18 and np.sum(order.order < 0) == 2 * cfg.model.layers
+    four_runner, three_runner = make_runner(cfg, "ma"), make_runner(three, "ma")
+    canonical = four_runner.gather(four_runner.init(0))
+    tokens, key = batches(1)[0], jax.random.key(0)
+    want_metrics, want = four_runner.value_and_grad(
+        four_runner.from_canonical(canonical), tokens, key
+    )
+    got_metrics, got = three_runner.value_and_grad(
+        three_runner.from_canonical(canonical), tokens, key
+    )
+    assert abs(float(got_metrics["loss"]) / float(want_metrics["loss"]) - 1) <= 1e-6
+    for (path, a), (_, b) in zip(
+        tree_paths(four_runner.gather(want)), tree_paths(three_runner.gather(got)), strict=True
+    ):
+        assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(a), path
+
+
+def test_expert_device_failover_moves_its_experts_to_the_survivors(cfg):
+    tx = optim.make_optimizer(cfg)
+    data = batches(4)
+    runner = make_runner(cfg, "ma")
+    state = runner.init_train_state(runner.init(0), tx)
+    for i in range(2):
+        state, _ = runner.train_step(state, data[i], tx, jax.random.key(i))
+    before = canonical_state(runner, state)
+    dead = jax.devices()[13]
+    state = poisoned_state = state._replace(
+        params=poisoned(state.params, dead), opt_state=poisoned(state.opt_state, dead)
+    )
+    state, record = runner.fail_device(state, 13, tx)
+    assert record["pool"] == "experts" and record["tokens_served_fraction"] == 1.0
+    assert record["experts_restored_from"] == "initial values"
+    assert record["layout"]["expert_devices"] == [12, 14, 15]
+    assert record["layout"]["expert_slots_per_device"] == 6
+    lost = record["experts_restored"]
+    assert lost == [[4, 5, 6, 7]] * cfg.model.layers  # device 13's experts (expert_mapping)
+    # The survivors' experts and everything else as they were; the lost experts at their
+    # initial values with zero moments; nothing on the failed device.
+    after = canonical_state(runner, state)
+    fresh = make_runner(cfg, "ma")
+    initial = fresh.gather(fresh.init(cfg.training.seed))
+    for name in ("params", "mu", "nu"):
+        for (path, a), (_, b) in zip(
+            tree_paths(before[name]), tree_paths(after[name]), strict=True
+        ):
+            if "experts" not in path:
+                np.testing.assert_array_equal(a, b, f"{name} {path}")
+                continue
+            gone = lost[int(path[1])]
+            kept = [e for e in range(a.shape[0]) if e not in gone]
+            np.testing.assert_array_equal(a[kept], b[kept], f"{name} {path}")
+            restored = dict(tree_paths(initial))[path][gone] if name == "params" else 0.0
+            np.testing.assert_array_equal(b[gone], np.broadcast_to(restored, b[gone].shape))
+    held = (state, runner.standby, runner._constants, runner.transport._templates)
+    assert not [
+        x for x in jax.tree.leaves(held) if isinstance(x, jax.Array) and dead in x.devices()
+    ]
+    old = [x for x in jax.tree.leaves(poisoned_state) if isinstance(x, jax.Array)]
+    assert old and all(x.is_deleted() for x in old)
+    for i in (2, 3):
+        state, metrics = runner.train_step(state, data[i], tx, jax.random.key(i))
+        assert np.isfinite(float(metrics["loss"]))
+
+
 def run_train(args: list[str], tmp_path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "maxjax.train", "--config", "configs/tiny.yaml", "--no-progress"]
@@ -167,6 +236,17 @@ def run_train(args: list[str], tmp_path) -> subprocess.CompletedProcess:
         text=True,
         timeout=600,
     )
+
+
+def test_train_restores_a_failed_expert_devices_experts_from_the_newest_checkpoint(tmp_path):
+    done = run_train(["--steps", "3", "--fail-device", "13@3"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+    (failure,) = [r for r in records if r.get("event") == "failure"]
+    assert failure["step"] == 3 and failure["pool"] == "experts"
+    assert failure["experts_restored_from"] == "checkpoint of step 2"
+    assert failure["recovery_seconds"] > 0 and failure["tokens_served_fraction"] == 1.0
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
 
 
 def test_train_ends_with_one_line_when_both_copies_are_lost(tmp_path):
@@ -181,7 +261,7 @@ def test_train_ends_with_one_line_when_both_copies_are_lost(tmp_path):
     assert "Traceback" not in lost.stderr
     assert CheckpointStore(tmp_path / "both").steps() == [1]  # step 1's checkpoint is intact
 
-    for bad, says in [("13@2", "expert device"), ("20@2", "in no pool"), ("5", "DEVICE@STEP")]:
+    for bad, says in [("20@2", "in no pool"), ("5", "DEVICE@STEP"), ("5@0", "1 or later")]:
         refused = run_train(["--steps", "3", "--fail-device", bad], tmp_path / "refused")
         assert refused.returncode == 1, refused.stderr
         assert refused.stderr.count("\n") == 1 and says in refused.stderr, refused.stderr

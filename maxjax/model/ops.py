@@ -264,9 +264,10 @@ def route(x: jax.Array, router_kernel: jax.Array, top_k: int, capacity: int) -> 
     return Routing(logits, expert_index, gates, position, keep)
 
 
-def dispatch(x: jax.Array, r: Routing, capacity: int) -> jax.Array:
-    """Token buffers [E, B, C, M] for the experts, gathered by slot index."""
-    num_experts = r.logits.shape[-1]
+def dispatch(x: jax.Array, r: Routing, capacity: int, rows: int | None = None) -> jax.Array:
+    """Token buffers [E, B, C, M] for the experts, gathered by slot index. `rows`: the buffer's
+    first dimension when `r.expert_index` holds rows of a layout with empty slots (default E)."""
+    num_experts = rows or r.logits.shape[-1]
     per_group = jax.vmap(routing.dispatch, in_axes=(0, 0, 0, 0, None, None))(
         x, r.expert_index, r.position, r.keep, num_experts, capacity
     )  # [B, E, C, M]

@@ -20,8 +20,9 @@ The config names two disjoint device lists (indices into ``jax.devices()``):
 - the *expert pool*, ``ma_separation.moe.devices`` (J = 4 devices), holds the expert weights and
   nothing else: every layer's ``wi [E, M, H]`` and ``wo [E, H, M]`` with the experts permuted
   into *expert-device order* (the experts of ``expert_mapping['gpu_12']`` first, then ``gpu_13``,
-  ...) and split along that axis, so expert device j holds exactly its E/J experts. The order is
-  per layer (`ExpertOrder`, [L, E]) and an argument of the stage programs, not a compiled
+  ...) and split along that axis, so expert device j holds exactly its E/J experts (after an
+  expert device failed, ceil(E/J) slots each, the extra ones empty: `failover.py`). The order
+  is per layer (`ExpertOrder`, [L, R]) and an argument of the stage programs, not a compiled
   constant: the sync loop re-places a layer's experts (`MARunner.move_experts`) without
   recompiling, and checkpoints store the order in use.
 

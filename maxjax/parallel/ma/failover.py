@@ -7,24 +7,29 @@ already). `refresh_standby` makes the copy after every step: one program on the 
 that shifts each split leaf one position along the ring (`lax.ppermute`, device to device), so
 the copy is bit for bit what its owner holds.
 
-When attention devices fail (`fail_devices`), the layout is rebuilt over the survivors: each
-failed device's heads join its standby's (`surviving_config`), the vocabulary is re-split over
-the smaller pool, and the state is rebuilt from what survives: every live device's own shard and,
-for a failed device, the standby's copy. Nothing is read from a failed device. A new ring of
-standbys is set up over the survivors, so a later failure is survived too; a shard is lost only
-when a device and its standby fail together (`FailoverError`). The step the failure interrupted
-is redone by the caller on the rebuilt state.
+When devices fail (`fail_devices`), the runner is rebuilt over the survivors and the state from
+what survives; nothing is read from a failed device:
 
-This is emulation in one process: a "failed" device is one the runner stops using (its arrays
-are deleted), not a lost process; a lost process needs a restart from a checkpoint
-(tutorials/cluster.md). Rebuilding gathers the surviving shards through the host
-(one copy of the attention pool's state), which a multi-host system would do device to device.
+- a failed **attention** device's heads join its standby's (`surviving_config`), the
+  vocabulary is re-split over the smaller pool, and its shard comes from the standby's copy. A
+  new ring of standbys is set up over the survivors, so a later failure is survived too; a shard
+  is lost only when a device and its standby fail together (`FailoverError`);
+- a failed **expert** device's experts go to the surviving expert devices that hold the fewest
+  (`surviving_experts`: ceil(E / survivors) slots per device, the extra slots empty), their
+  weights and moments from an `ExpertSource` (the newest checkpoint, read to the host, only the
+  lost experts taken; or their initial values). The other experts keep their state.
+
+The caller redoes the step the failure interrupted on the rebuilt state, so every routed
+assignment is served. This is emulation in one process: a "failed" device is one the runner
+stops using (its arrays are deleted), not a lost process; a lost process needs a restart from a
+checkpoint (tutorials/cluster.md). Rebuilding gathers the surviving shards through the host
+(one copy of the state), which a multi-host system would do device to device.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
@@ -32,8 +37,9 @@ import numpy as np
 import optax
 from jax import lax
 
+from maxjax import model
 from maxjax.config import Config, with_overrides
-from maxjax.parallel.ma.layout import ATTENTION_POOL, EXPERT_POOL
+from maxjax.parallel.ma.layout import ATTENTION_POOL, EXPERT_POOL, ExpertOrder, layer_of
 from maxjax.parallel.mesh import ATTENTION_AXIS, forget_device
 from maxjax.parallel.runner import (
     Path,
@@ -182,10 +188,16 @@ def _surviving_leaf(
 
 
 def fail_devices(
-    runner: Any, state: TrainState, devices: Iterable[int], tx: optax.GradientTransformation
+    runner: Any,
+    state: TrainState,
+    devices: Iterable[int],
+    tx: optax.GradientTransformation,
+    lost_experts: ExpertSource | None = None,
 ) -> tuple[TrainState, dict[str, Any]]:
     """Devices `devices` (config numbers) fail together: rebuild the runner and `state` over the
-    survivors without reading from a failed device. Returns (state, failure record)."""
+    survivors without reading from a failed device. A failed expert device's experts are taken
+    from `lost_experts` (default: their initial values, `initial_experts`). Returns (state,
+    failure record)."""
     start = time.perf_counter()
     failed_ids = sorted(set(devices))
     cfg = runner.cfg
@@ -196,22 +208,25 @@ def fail_devices(
             f"device {unknown[0]} is in neither pool (attention {list(cfg.attention_devices)}, "
             f"experts {list(cfg.expert_devices)})"
         )
-    if experts:
-        raise FailoverError(
-            f"expert device {experts[0]} failed: in-place recovery of expert devices is not "
-            "built; restart from the newest checkpoint"
-        )
     if jax.process_count() > 1:
         raise FailoverError(
             "in-place failover needs every device in one process; restart the job from the "
             "newest checkpoint on the surviving devices"
         )
     new_cfg = surviving_config(cfg, failed_ids)
+    order = runner.experts
+    if experts:
+        new_cfg, order = surviving_experts(new_cfg, order, experts)
     everything = jax.devices()
     failed = {everything[d] for d in failed_ids}
     exported = runner.export_train_state(state)
     copies = runner.standby
     copies_of = {n: dict(tree_paths(copies[n])) if copies else {} for n in STANDBY_TREES}
+    restored, source = None, None
+    runner_order_before = runner.experts
+    if experts:
+        source = lost_experts or initial_experts(runner)
+        restored, source_name = source()
     canonical: dict[str, Any] = {"count": exported["count"]}
     for name in STANDBY_TREES:
         pools = runner.split_pools(exported[name])
@@ -222,13 +237,18 @@ def fail_devices(
             ),
             pools[ATTENTION_POOL],
         )
-        expert = runner.to_canonical(pools[EXPERT_POOL])
+        if experts:
+            expert = map_with_path(
+                lambda p, x, name=name: _surviving_experts(runner, p, x, failed, restored, name),
+                pools[EXPERT_POOL],
+            )
+        else:
+            expert = runner.to_canonical(pools[EXPERT_POOL])
         canonical[name] = merge(attention, expert)
     jax.block_until_ready(canonical)
     old = [exported[n] for n in STANDBY_TREES] + [state.opt_state, copies]
-    order = runner.experts.order
     runner._build(new_cfg)
-    runner.set_expert_order(order)
+    runner.set_expert_order(order.order)
     for leaf in jax.tree.leaves(old):
         if isinstance(leaf, jax.Array) and not leaf.is_deleted():
             leaf.delete()
@@ -237,15 +257,25 @@ def fail_devices(
     state = runner.import_train_state(canonical, state.step, tx)
     jax.block_until_ready((state, runner.standby))
     seconds = time.perf_counter() - start
-    return state, {
+    record = {
         "event": "failure",
         "step": state.step + 1,
         "device": failed_ids[0] if len(failed_ids) == 1 else failed_ids,
-        "pool": "attention",
+        "pool": "experts" if experts else "attention",
         "recovery_seconds": seconds,
+        # The interrupted step is redone once every expert is back, so no routed assignment
+        # meets a missing expert: each is served.
         "tokens_served_fraction": 1.0,
         "layout": surviving_layout(runner),
     }
+    if experts:
+        lost = [
+            [int(e) for e in cfg_order_lost]
+            for cfg_order_lost in _lost_experts(runner_order_before, cfg.expert_devices, experts)
+        ]
+        record["experts_restored_from"] = source_name
+        record["experts_restored"] = lost
+    return state, record
 
 
 def surviving_layout(runner: Any) -> dict[str, Any]:
@@ -259,5 +289,108 @@ def surviving_layout(runner: Any) -> dict[str, Any]:
         if runner.replicas > 1
         else {},
         "expert_devices": list(runner.cfg.expert_devices),
+        "expert_slots_per_device": runner.cfg.ma_separation.moe.experts_per_gpu,
         "failed_devices": list(runner.cfg.hardware.failed_devices),
     }
+
+
+# --- expert devices ----------------------------------------------------------------------------
+
+ExpertSource = Callable[[], tuple[dict[str, Tree], str]]
+
+
+def initial_experts(runner: Any) -> ExpertSource:
+    """The lost experts' initial values (`init_params` of the run's seed) with zero moments: the
+    source when no checkpoint has been written yet."""
+
+    def source() -> tuple[dict[str, Tree], str]:
+        seed = runner.cfg.training.seed
+        params = jax.device_get(jax.jit(lambda: model.init_params(runner.cfg, seed))())
+        zeros = jax.tree.map(np.zeros_like, params)
+        return {"params": params, "mu": zeros, "nu": zeros}, "initial values"
+
+    return source
+
+
+def _spread(kept: list[list[int]], lost: list[int], slots: int) -> list[list[int]]:
+    """`kept` (experts per surviving device) with `lost` added one by one to the device that
+    holds the fewest (the first of those), never beyond `slots`."""
+    out = [list(k) for k in kept]
+    for expert in lost:
+        device = min(range(len(out)), key=lambda i: (len(out[i]), i))
+        if len(out[device]) >= slots:
+            raise FailoverError(f"no expert slot left for expert {expert}")
+        out[device].append(expert)
+    return out
+
+
+def _lost_experts(order: ExpertOrder, devices: tuple[int, ...], failed: list[int]) -> list:
+    """Per layer, the experts on the failed expert devices (in row order)."""
+    per_device = order.num_rows // len(devices)
+    lost = []
+    for layer in range(len(order.order)):
+        rows = order.order[layer].reshape(len(devices), per_device)
+        lost.append([e for j, d in enumerate(devices) if d in failed for e in rows[j] if e >= 0])
+    return lost
+
+
+def surviving_experts(
+    cfg: Config, order: ExpertOrder, failed: list[int]
+) -> tuple[Config, ExpertOrder]:
+    """`cfg` and the placement `order` over the expert devices that survive `failed`: each
+    survivor keeps its experts, and the failed devices' experts go to the survivors holding the
+    fewest, in ceil(E / survivors) slots per device (the extra slots empty)."""
+    pool = cfg.ma_separation.moe
+    devices = list(pool.devices)
+    alive = [d for d in devices if d not in failed]
+    if not alive:
+        raise FailoverError(f"every expert device failed ({failed}); nothing can hold the experts")
+    experts = order.num_experts
+    slots = -(-experts // len(alive))
+    per_device = order.num_rows // len(devices)
+    layers = []
+    for layer in range(len(order.order)):
+        rows = order.order[layer].reshape(len(devices), per_device)
+        kept = [[int(e) for e in rows[devices.index(d)] if e >= 0] for d in alive]
+        lost = [int(e) for j, d in enumerate(devices) if d in failed for e in rows[j] if e >= 0]
+        placed = _spread(kept, lost, slots)
+        layers.append([e for device in placed for e in device + [-1] * (slots - len(device))])
+    mapping = _spread(
+        [list(cfg.experts_of_device(d)) for d in alive],
+        [e for d in devices if d in failed for e in cfg.experts_of_device(d)],
+        slots,
+    )
+    overrides = [
+        f"ma_separation.moe.gpus={len(alive)}",
+        f"ma_separation.moe.devices={alive}",
+        f"ma_separation.moe.experts_per_gpu={slots}",
+        "ma_separation.moe.expert_mapping={"
+        + ", ".join(f"gpu_{d}: {m}" for d, m in zip(alive, mapping, strict=True))
+        + "}",
+        f"hardware.failed_devices={sorted(set(cfg.hardware.failed_devices) | set(failed))}",
+    ]
+    return with_overrides(cfg, overrides), ExpertOrder.of(np.array(layers, np.int32))
+
+
+def _surviving_experts(
+    runner: Any, path: Path, leaf: jax.Array, failed: set, restored: dict[str, Tree], name: str
+) -> np.ndarray:
+    """The canonical value [E, ...] of an expert leaf: each expert from its device's shard, or
+    from `restored` (a canonical tree) when its device failed."""
+    layer = layer_of(path)
+    order = runner.experts
+    devices = list(runner.expert_mesh.devices.flat)
+    per_device = order.num_rows // len(devices)
+    shards = {shard.device: shard for shard in leaf.addressable_shards}
+    backup = dict(tree_paths(restored[name]))[path]
+    out = np.empty((order.num_experts, *leaf.shape[1:]), leaf.dtype)
+    blocks = {}
+    for expert, row in enumerate(order.row_of(layer)):
+        device = devices[row // per_device]
+        if device in failed:
+            out[expert] = np.asarray(backup[expert])
+        else:
+            if device not in blocks:
+                blocks[device] = np.asarray(shards[device].data)
+            out[expert] = blocks[device][row % per_device]
+    return out

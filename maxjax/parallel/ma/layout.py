@@ -87,31 +87,54 @@ class HeadLayout(NamedTuple):
 
 
 class ExpertOrder(NamedTuple):
-    """Experts in expert-device order, per layer: in layer l, device j's experts are rows
-    j*E/J .. (j+1)*E/J - 1 of order[l]. Starts as `expert_mapping` in every layer; the sync
-    loop may re-place each layer's experts (`MARunner.move_experts`)."""
+    """Experts in expert-device order, per layer: in layer l, device j holds rows
+    j*R/J .. (j+1)*R/J - 1 of order[l] (R rows: the experts, plus empty slots, -1, when the
+    experts do not divide evenly over the devices, as after an expert device failed). Starts as
+    `expert_mapping` in every layer; the sync loop may re-place each layer's experts
+    (`MARunner.move_experts`)."""
 
-    order: np.ndarray  # [L, E]: canonical expert of each row ([1, E]: the same in every layer)
+    order: np.ndarray  # [L, R]: canonical expert of each row, -1 = empty ([1, R]: every layer)
     row_of_expert: np.ndarray  # [L, E]: row of each canonical expert
 
     @classmethod
     def of(cls, order: np.ndarray | list) -> ExpertOrder:
-        """From [L, E] rows, or one [E] order for every layer (checkpoints before per-layer
-        placement stored that)."""
+        """From [L, R] rows, or one [R] order for every layer (checkpoints before per-layer
+        placement stored that); each row holds every expert 0..E-1 once and -1 elsewhere."""
         order = np.atleast_2d(np.asarray(order, np.int32))
-        if order.ndim != 2 or any(sorted(row) != list(range(order.shape[1])) for row in order):
+        experts = int(np.sum(order[0] >= 0)) if order.ndim == 2 else 0
+        if order.ndim != 2 or any(
+            sorted(row[row >= 0]) != list(range(experts)) or np.any(row < -1) for row in order
+        ):
             raise ValueError(
-                f"an expert order is [layers, experts], each row a permutation: {order}"
+                "an expert order is [layers, rows], each row holding every expert once "
+                f"(-1: an empty slot): {order}"
             )
-        return cls(order, np.argsort(order, axis=1).astype(np.int32))
+        row_of = np.zeros((order.shape[0], experts), np.int32)
+        for layer, row in enumerate(order):
+            filled = np.flatnonzero(row >= 0)
+            row_of[layer, row[filled]] = filled
+        return cls(order, row_of)
 
     @classmethod
     def from_config(cls, cfg: Config) -> ExpertOrder:
-        order = [e for d in cfg.expert_devices for e in cfg.experts_of_device(d)]
+        slots = cfg.ma_separation.moe.experts_per_gpu
+        order = []
+        for d in cfg.expert_devices:
+            experts = list(cfg.experts_of_device(d))
+            order += experts + [-1] * (slots - len(experts))
         return cls.of(np.tile(np.array(order, np.int32), (cfg.model.layers, 1)))
 
+    @property
+    def num_experts(self) -> int:
+        return self.row_of_expert.shape[1]
+
+    @property
+    def num_rows(self) -> int:
+        """R: the experts and the empty slots."""
+        return self.order.shape[1]
+
     def rows(self, layer: int) -> np.ndarray:
-        """Canonical expert of each row in `layer` [E]."""
+        """Canonical expert of each row in `layer` [R], -1 for an empty slot."""
         return self.order[layer if len(self.order) > 1 else 0]
 
     def row_of(self, layer: int) -> np.ndarray:
@@ -120,9 +143,12 @@ class ExpertOrder(NamedTuple):
 
     def mapping(self, layer: int, devices: list[str]) -> dict[str, list[int]]:
         """`expert_mapping` of one layer: each device's experts, in row order."""
-        per_device = self.order.shape[1] // len(devices)
+        per_device = self.num_rows // len(devices)
         rows = self.rows(layer).reshape(len(devices), per_device)
-        return {device: [int(e) for e in row] for device, row in zip(devices, rows, strict=True)}
+        return {
+            device: [int(e) for e in row if e >= 0]
+            for device, row in zip(devices, rows, strict=True)
+        }
 
 
 class TokenSplit(NamedTuple):
@@ -240,7 +266,11 @@ class ParamLayout:
         """Canonical leaf -> MA layout (pad heads and vocabulary, permute experts)."""
         path = tuple(map(str, path))
         if self.is_expert(path):
-            return x[self.experts.rows(layer_of(path))]
+            rows = self.experts.rows(layer_of(path))
+            if np.all(rows >= 0):
+                return x[rows]
+            padded = jnp.concatenate([x, jnp.zeros_like(x[:1])])  # an empty slot: zeros
+            return padded[np.where(rows >= 0, rows, x.shape[0])]
         if path[-2] in QKV:
             padded = jnp.concatenate([x, jnp.zeros((x.shape[0], 1), x.dtype)], axis=1)
             return padded[:, self.heads.padded_columns()]

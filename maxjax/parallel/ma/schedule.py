@@ -244,19 +244,28 @@ class MARunner(Runner):
         return state, grad_norm
 
     def fail_devices(
-        self, state: TrainState, devices: list[int], tx: optax.GradientTransformation
+        self,
+        state: TrainState,
+        devices: list[int],
+        tx: optax.GradientTransformation,
+        lost_experts: Callable | None = None,
     ) -> tuple[TrainState, dict[str, Any]]:
         """Devices `devices` (config numbers) fail together: the runner and `state` are rebuilt
-        over the surviving devices from their shards and the failed devices' standby copies,
-        without a checkpoint. Returns (state, failure record). Raises FailoverError when that
+        over the surviving devices, an attention device's shard from its standby copy, an
+        expert device's experts on the surviving expert devices from `lost_experts` (default:
+        their initial values). Returns (state, failure record). Raises FailoverError when that
         cannot be done (`failover.fail_devices`)."""
-        return failover.fail_devices(self, state, devices, tx)
+        return failover.fail_devices(self, state, devices, tx, lost_experts)
 
     def fail_device(
-        self, state: TrainState, device: int, tx: optax.GradientTransformation
+        self,
+        state: TrainState,
+        device: int,
+        tx: optax.GradientTransformation,
+        lost_experts: Callable | None = None,
     ) -> tuple[TrainState, dict[str, Any]]:
         """`fail_devices` for one device."""
-        return self.fail_devices(state, [device], tx)
+        return self.fail_devices(state, [device], tx, lost_experts)
 
     def standby_bytes(self) -> int:
         """Bytes of the standby copy on each attention device (0 with replication_factor 1)."""
@@ -367,7 +376,9 @@ class MARunner(Runner):
     def _canonical_sharding(self, path: Path) -> NamedSharding:
         """Where a canonical leaf waits before conversion: experts split, the rest replicated."""
         if self.pool_of(path) == EXPERT_POOL:
-            return NamedSharding(self.expert_mesh, P(EXPERT_AXIS))
+            # Split when the experts divide over the pool; else (empty slots) whole on each.
+            split = self.experts.num_experts % self.expert_mesh.size == 0
+            return NamedSharding(self.expert_mesh, P(EXPERT_AXIS) if split else P())
         return NamedSharding(self.attention_mesh, P())
 
     # --- token splits and their programs ---------------------------------------------------------
@@ -474,7 +485,7 @@ class MARunner(Runner):
         them). `within_attention_pool_*`: the attention pool's own collectives (see
         `pool_bytes_per_stage`)."""
         capacity = group_capacity(self.cfg, seq_len)
-        shape = (self.cfg.moe.experts_per_layer, batch_size, capacity, self.cfg.model.hidden_dim)
+        shape = (self.experts.num_rows, batch_size, capacity, self.cfg.model.hidden_dim)
         float_bytes = 4 * math.prod(shape)
         wire = compression.compressed_nbytes(shape) if self.compress else float_bytes
         parts = self.microbatches * self.accumulation
@@ -838,7 +849,7 @@ class MARunner(Runner):
         split = self.token_split(batch)
         mesh = self.programs(split).mesh
         capacity = capacity or group_capacity(cfg, seq_len)
-        per_device = cfg.moe.experts_per_layer // split.expert_devices
+        per_device = self.experts.num_rows // split.expert_devices
         width, top_k = cfg.model.hidden_dim, cfg.moe.top_k
         tokens = NamedSharding(mesh, TOKENS)
         rows = (batch, seq_len, top_k)

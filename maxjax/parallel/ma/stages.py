@@ -167,7 +167,8 @@ class StagePrograms:
         self.compress = compress
         self.dtype = compute_dtype(cfg)
         self.inference_cfg = decode.inference_config(cfg)
-        self.experts_per_device = cfg.moe.experts_per_layer // split.expert_devices
+        self.expert_rows = layout.experts.num_rows  # experts and empty slots
+        self.experts_per_device = self.expert_rows // split.expert_devices
         self._build()
 
     # --- wire format -----------------------------------------------------------------------------
@@ -245,7 +246,7 @@ class StagePrograms:
         r = ops.route(z, layer["moe"]["router"]["kernel"], self.cfg.moe.top_k, capacity)
         aux = jax.tree.map(lambda a: lax.pmean(a, SEQ), ops.routing_aux(r))
         rows = constants.row_of_expert[r.expert_index]
-        buffer = ops.dispatch(z, r._replace(expert_index=rows), capacity)
+        buffer = ops.dispatch(z, r._replace(expert_index=rows), capacity, self.expert_rows)
         objective = (
             self.cfg.moe.load_balancing_loss * aux.load_balancing_loss
             + self.cfg.moe.router_z_loss * aux.router_z_loss
