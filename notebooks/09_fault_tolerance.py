@@ -120,13 +120,11 @@ assert [r["pool"] for r in records] == ["attention", "experts"]
 fig, ax = plt.subplots(figsize=(7, 3.5))
 steps = np.arange(1, 9)
 ax.plot(steps, losses["no failure"], marker="o", label="no failure")
-ax.plot(
-    steps, losses["devices 5 and 6 fail"], marker="x", linestyle="--", label="devices 5, 6 fail"
-)
+ax.plot(steps, losses[failed], marker="x", linestyle="--", label="devices 5, 13 fail")
 for record in records:
     ax.axvline(record["step"], color="tab:red", alpha=0.4)
     ax.text(record["step"], ax.get_ylim()[1], f" device {record['device']}", va="top", fontsize=8)
-ax.set(xlabel="step", ylabel="training loss", title="The same run across two failovers (measured)")
+ax.set(xlabel="step", ylabel="training loss", title="A run across two failovers (measured)")
 ax.legend()
 plt.show()
 
