@@ -437,7 +437,7 @@ def train(
                 state, failure = fail_during_step(
                     runner, state, batch, tx, cfg.training.seed, failures.pop(step + 1), source
                 )
-                if failure["pool"] == "experts" and sync is not None:
+                if "experts" in failure["pool"] and sync is not None:
                     sync = None
                     _note("sync loop off after an expert-device failover")
             with sync.measuring() if measured else contextlib.nullcontext():
@@ -446,11 +446,12 @@ def train(
                 failure["redone_step_seconds"] = seconds
                 log.write(failure)
                 history.append(failure)
-                pool = "attention" if failure["pool"] == "attention" else "expert"
+                layout = failure["layout"]
                 _note(
-                    f"step {failure['step']}: {pool} device {failure['device']} failed; recovered "
-                    f"in {failure['recovery_seconds']:.2f} s on {pool} devices "
-                    f"{failure['layout'][pool + '_devices']}, step redone in {seconds:.2f} s"
+                    f"step {failure['step']}: device {failure['device']} ({failure['pool']}) "
+                    f"failed; recovered in {failure['recovery_seconds']:.2f} s on attention "
+                    f"devices {layout['attention_devices']} and expert devices "
+                    f"{layout['expert_devices']}, step redone in {seconds:.2f} s"
                 )
             bad = [k for k in ("loss", "grad_norm") if not math.isfinite(record.get(k, 0.0))]
             if bad:

@@ -214,7 +214,7 @@ def fail_devices(
             "newest checkpoint on the surviving devices"
         )
     new_cfg = surviving_config(cfg, failed_ids)
-    order = runner.experts
+    before = order = runner.experts
     if experts:
         new_cfg, order = surviving_experts(new_cfg, order, experts)
     everything = jax.devices()
@@ -222,11 +222,9 @@ def fail_devices(
     exported = runner.export_train_state(state)
     copies = runner.standby
     copies_of = {n: dict(tree_paths(copies[n])) if copies else {} for n in STANDBY_TREES}
-    restored, source = None, None
-    runner_order_before = runner.experts
+    restored, source_name = None, None
     if experts:
-        source = lost_experts or initial_experts(runner)
-        restored, source_name = source()
+        restored, source_name = (lost_experts or initial_experts(runner))()
     canonical: dict[str, Any] = {"count": exported["count"]}
     for name in STANDBY_TREES:
         pools = runner.split_pools(exported[name])
@@ -257,11 +255,12 @@ def fail_devices(
     state = runner.import_train_state(canonical, state.step, tx)
     jax.block_until_ready((state, runner.standby))
     seconds = time.perf_counter() - start
+    pool_names = sorted({"experts" if d in experts else "attention" for d in failed_ids})
     record = {
         "event": "failure",
         "step": state.step + 1,
         "device": failed_ids[0] if len(failed_ids) == 1 else failed_ids,
-        "pool": "experts" if experts else "attention",
+        "pool": pool_names[0] if len(pool_names) == 1 else pool_names,
         "recovery_seconds": seconds,
         # The interrupted step is redone once every expert is back, so no routed assignment
         # meets a missing expert: each is served.
@@ -269,12 +268,8 @@ def fail_devices(
         "layout": surviving_layout(runner),
     }
     if experts:
-        lost = [
-            [int(e) for e in cfg_order_lost]
-            for cfg_order_lost in _lost_experts(runner_order_before, cfg.expert_devices, experts)
-        ]
         record["experts_restored_from"] = source_name
-        record["experts_restored"] = lost
+        record["experts_restored"] = _lost_experts(before, cfg.expert_devices, experts)
     return state, record
 
 
@@ -330,7 +325,9 @@ def _lost_experts(order: ExpertOrder, devices: tuple[int, ...], failed: list[int
     lost = []
     for layer in range(len(order.order)):
         rows = order.order[layer].reshape(len(devices), per_device)
-        lost.append([e for j, d in enumerate(devices) if d in failed for e in rows[j] if e >= 0])
+        lost.append(
+            [int(e) for j, d in enumerate(devices) if d in failed for e in rows[j] if e >= 0]
+        )
     return lost
 
 
