@@ -70,7 +70,7 @@ from maxjax.evaluate import (
 )
 from maxjax.optim import learning_rate_schedule, make_optimizer
 from maxjax.parallel import Runner, TrainState, check_strategy, make_runner
-from maxjax.parallel.ma.failover import FailoverError
+from maxjax.parallel.ma.failover import FailoverError, initial_experts
 from maxjax.parallel.mesh import fetch
 from maxjax.sync.loop import SyncLoop
 
@@ -303,8 +303,6 @@ def experts_from_checkpoint(cfg: Config, store: CheckpointStore, runner: Runner)
     """The source of a failed expert device's experts: the newest checkpoint (read to the host
     in the single-device layout; only the lost experts are taken from it), or their initial
     values when none has been written."""
-    from maxjax.parallel.ma.failover import initial_experts
-
     def source() -> tuple[dict[str, Any], str]:
         store.wait()
         if not store.steps():
