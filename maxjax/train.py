@@ -303,6 +303,7 @@ def experts_from_checkpoint(cfg: Config, store: CheckpointStore, runner: Runner)
     """The source of a failed expert device's experts: the newest checkpoint (read to the host
     in the single-device layout; only the lost experts are taken from it), or their initial
     values when none has been written."""
+
     def source() -> tuple[dict[str, Any], str]:
         store.wait()
         if not store.steps():
