@@ -436,9 +436,6 @@ def train(
                 state, failure = fail_during_step(
                     runner, state, batch, tx, cfg.training.seed, failures.pop(step + 1), source
                 )
-                if "experts" in failure["pool"] and sync is not None:
-                    sync = None
-                    _note("sync loop off after an expert-device failover")
             with sync.measuring() if measured else contextlib.nullcontext():
                 state, record, seconds = training_step(runner, state, batch, tx, cfg.training.seed)
             if failure is not None:

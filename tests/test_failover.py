@@ -16,7 +16,9 @@ from maxjax.checkpoint import CheckpointStore
 from maxjax.config import ConfigError, with_overrides
 from maxjax.parallel import make_runner
 from maxjax.parallel.ma import ExpertOrder, failover
+from maxjax.parallel.ma.layout import layer_of
 from maxjax.parallel.runner import tree_paths
+from maxjax.sync.balancer import plan_placement
 
 # Without int8 compression: the layout over the survivors sums attention's partial outputs in
 # another order (float32 rounding, ~1e-7 relative); with it, a value that lands near an int8
@@ -222,6 +224,30 @@ def test_expert_device_failover_moves_its_experts_to_the_survivors(cfg):
     ]
     old = [x for x in jax.tree.leaves(poisoned_state) if isinstance(x, jax.Array)]
     assert old and all(x.is_deleted() for x in old)
+
+    # The sync loop goes on over the survivors: hot experts spread over the 3 devices' slots,
+    # the empty slots hold zeros, and the same loss and gradients are computed.
+    key = jax.random.key(2)
+    metrics, grads = runner.value_and_grad(state.params, data[2], key)
+    want_loss, want_grads = float(metrics["loss"]), runner.gather(grads)
+    del grads
+    loads = np.tile(np.geomspace(1.0, 0.05, 16), (cfg.model.layers, 1))
+    order, imbalance_before, imbalance_after = plan_placement(
+        loads / loads.sum(1, keepdims=True), runner.experts.order, 3, threshold=0.05
+    )
+    assert np.all(imbalance_after < imbalance_before / 2), (imbalance_before, imbalance_after)
+    state, moved = runner.move_experts(state, order)
+    assert moved > 0 and np.array_equal(runner.experts.order, order)
+    for path, leaf in tree_paths(runner.split_pools(state.params)["experts"]):
+        empty = order[layer_of(path)] < 0
+        assert empty.sum() == 2 and not np.asarray(leaf)[empty].any(), path
+    metrics, grads = runner.value_and_grad(state.params, data[2], key)
+    assert float(metrics["loss"]) == want_loss
+    for (path, a), (_, b) in zip(
+        tree_paths(want_grads), tree_paths(runner.gather(grads)), strict=True
+    ):
+        np.testing.assert_array_equal(a, b, str(path))
+    del grads
     for i in (2, 3):
         state, metrics = runner.train_step(state, data[i], tx, jax.random.key(i))
         assert np.isfinite(float(metrics["loss"]))
@@ -239,14 +265,23 @@ def run_train(args: list[str], tmp_path) -> subprocess.CompletedProcess:
 
 
 def test_train_restores_a_failed_expert_devices_experts_from_the_newest_checkpoint(tmp_path):
-    done = run_train(["--steps", "3", "--fail-device", "13@3"], tmp_path)
+    """...and the sync loop goes on over the surviving expert devices."""
+    sync = "ma_separation.synchronization.sync_interval=2"
+    done = run_train(["--steps", "4", "--fail-device", "13@3", "--set", sync], tmp_path)
     assert done.returncode == 0, done.stderr
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
     (failure,) = [r for r in records if r.get("event") == "failure"]
     assert failure["step"] == 3 and failure["pool"] == "experts"
     assert failure["experts_restored_from"] == "checkpoint of step 2"
     assert failure["recovery_seconds"] > 0 and failure["tokens_served_fraction"] == 1.0
-    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    synced = {r["step"]: r for r in records if r.get("event") == "sync"}
+    assert sorted(synced) == [2, 4]
+    for step, devices in ((2, [12, 13, 14, 15]), (4, [12, 14, 15])):
+        for mapping in synced[step]["expert_mapping"]:
+            assert sorted(mapping) == [f"gpu_{d}" for d in devices]
+            assert sorted(e for experts in mapping.values() for e in experts) == list(range(16))
+    assert len(synced[4]["expert_stage_seconds"]) == 3 and synced[4]["samples"] > 0
 
 
 def test_train_ends_with_one_line_when_both_copies_are_lost(tmp_path):

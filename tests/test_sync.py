@@ -188,3 +188,36 @@ def test_plan_placement_evens_the_layers_out_of_balance_and_moves_little():
     same, _, unchanged = plan_placement(loads, order, devices=4, threshold=0.9)
     np.testing.assert_array_equal(same, order)
     np.testing.assert_array_equal(unchanged, before)
+
+
+def test_plan_placement_fills_the_surviving_devices_slots_after_an_expert_device_failed():
+    """16 experts on 3 devices with 6 slots each (device 13 of 4 failed; -1: an empty slot).
+    The hot experts all sit on the first device: the plan spreads them, holds every expert
+    once and at most 6 per device, and an empty slot carries no load."""
+    from maxjax.sync.balancer import device_load_rows, imbalance, plan_placement
+
+    order = np.array([[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, -1, 11, 12, 13, 14, 15, -1]], np.int32)
+    loads = np.full((1, 16), 0.04)
+    loads[0, :4] = [0.2, 0.15, 0.1, 0.07]
+    rows = device_load_rows(loads, order, 3)
+    np.testing.assert_allclose(rows[0], [loads[0, :6].sum(), loads[0, 6:11].sum(), 0.2])
+    new, before, after = plan_placement(loads, order, devices=3, threshold=0.05)
+    groups = new[0].reshape(3, 6)
+    assert sorted(e for e in new[0] if e >= 0) == list(range(16))
+    assert np.sum(new[0] < 0) == 2
+    assert [len({0, 1, 2} & set(g)) for g in groups] == [1, 1, 1]
+    # The best any placement within 6 slots does: 0.2 + 3 x 0.04, 0.15 + 5 x 0.04, 0.17 + 4 x 0.04.
+    assert after[0] == pytest.approx((0.35 - 0.32) / 0.35) and before[0] > 0.6
+    assert imbalance(device_load_rows(loads, new, 3)[0]) == pytest.approx(after[0])
+
+
+def test_rebalance_experts_swaps_what_the_greedy_pass_leaves_uneven():
+    """Loads 9, 5, 4, 4, 2, 2 on 2 devices of 3 slots: the greedy pass gives {9, 4, 2} and
+    {5, 4, 2} (15 against 11); swapping a 4 for a 2 gives 13 and 13."""
+    from maxjax.sync.balancer import imbalance, rebalance_experts
+
+    load = np.array([9.0, 5.0, 4.0, 4.0, 2.0, 2.0])
+    placed = rebalance_experts(load, ["a", "b"], 3)
+    totals = [load[list(experts)].sum() for experts in placed.values()]
+    assert all(len(experts) == 3 for experts in placed.values())
+    assert imbalance(totals) == 0.0, placed

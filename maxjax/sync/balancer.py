@@ -1,7 +1,7 @@
 """The balancer: decide when the pools are out of balance and what plan restores it.
 
 Pure functions of arrays and plain values. A plan is an expert placement (which expert lives on
-which expert device, each device keeping `experts_per_gpu`) and a micro-batch count for the
+which expert device, each device holding at most `experts_per_gpu`) and a micro-batch count for the
 ping-pong schedule between the attention and expert pools.
 """
 
@@ -33,15 +33,17 @@ def rebalance_experts(
     devices: Sequence[str],
     experts_per_device: int,
 ) -> dict[str, tuple[int, ...]]:
-    """Place experts on devices so that the summed loads are as even as a greedy pass makes them.
+    """Place experts on devices so that the summed loads are as even as a heuristic makes them.
 
     Heaviest expert first, each onto the least-loaded device that still has room (longest
-    processing time first, with the equal-count constraint of `experts_per_gpu`).
+    processing time first), then improved by moves and swaps (`_exchange`). Each device holds
+    at most `experts_per_device`: all are full when the experts fill the devices, some slots
+    stay empty when not (as after an expert device failed).
     """
     load = np.asarray(expert_load, dtype=np.float64)
-    if load.size != len(devices) * experts_per_device:
+    if load.size > len(devices) * experts_per_device:
         raise ValueError(
-            f"{load.size} experts do not fill {len(devices)} devices x {experts_per_device}"
+            f"{load.size} experts do not fit {len(devices)} devices x {experts_per_device}"
         )
     placed: dict[str, list[int]] = {d: [] for d in devices}
     totals = dict.fromkeys(devices, 0.0)
@@ -50,7 +52,40 @@ def rebalance_experts(
         target = min(open_devices, key=lambda d: (totals[d], devices.index(d)))
         placed[target].append(int(expert))
         totals[target] += float(load[expert])
-    return {d: tuple(sorted(experts)) for d, experts in placed.items()}
+    groups = _exchange([placed[d] for d in devices], load, experts_per_device)
+    return {d: tuple(sorted(experts)) for d, experts in zip(devices, groups, strict=True)}
+
+
+def _exchange(groups: list[list[int]], load: np.ndarray, capacity: int) -> list[list[int]]:
+    """Improve a placement by moving one expert, or swapping two, between the most (or least)
+    loaded device and any other: the step that narrows the spread of the device loads most is
+    taken, until none narrows it (the greedy pass leaves loads that a swap would even)."""
+    groups = [list(g) for g in groups]
+    for _ in range(4 * len(load)):
+        totals = np.array([float(load[g].sum()) for g in groups])
+        hi, lo = int(np.argmax(totals)), int(np.argmin(totals))
+        best, best_spread = None, float(totals.max() - totals.min())
+        pairs = {(hi, o) for o in range(len(groups)) if o != hi}
+        pairs |= {(o, lo) for o in range(len(groups)) if o != lo}
+        for src, dst in sorted(pairs):
+            options = [(e, None) for e in groups[src]] if len(groups[dst]) < capacity else []
+            options += [(e, f) for e in groups[src] for f in groups[dst]]
+            for e, f in options:
+                shift = float(load[e]) - (float(load[f]) if f is not None else 0.0)
+                trial = totals.copy()
+                trial[src] -= shift
+                trial[dst] += shift
+                if trial.max() - trial.min() < best_spread - 1e-12:
+                    best, best_spread = (src, dst, e, f), float(trial.max() - trial.min())
+        if best is None:
+            break
+        src, dst, e, f = best
+        groups[src].remove(e)
+        groups[dst].append(e)
+        if f is not None:
+            groups[dst].remove(f)
+            groups[src].append(f)
+    return groups
 
 
 def pingpong_layer_time(attention_time: float, expert_time: float, microbatches: int) -> float:
@@ -128,15 +163,18 @@ def plan(
 
 def device_load_rows(loads: np.ndarray, order: np.ndarray, devices: int) -> np.ndarray:
     """Each expert device's summed load per layer [L, J], for loads [L, E] of canonical experts
-    and a placement order [L, E] (canonical expert of each row, device-major)."""
+    and a placement order [L, R] (canonical expert of each row, device-major; -1 for an empty
+    slot, which carries no load)."""
     loads, order = np.asarray(loads, np.float64), np.asarray(order)
-    by_row = np.take_along_axis(loads, order, axis=1)
+    by_row = np.take_along_axis(loads, np.maximum(order, 0), axis=1)
+    by_row = np.where(order >= 0, by_row, 0.0)
     return by_row.reshape(len(order), devices, -1).sum(-1)
 
 
 def _least_moves(groups: list[tuple[int, ...]], current: np.ndarray) -> list[tuple[int, ...]]:
     """The expert groups assigned to devices so that as many experts as possible stay where
-    they are (`current` [J, E/J]); every assignment is tried (J! of them, J = expert devices)."""
+    they are (`current` [J, R/J], -1 for an empty slot); every assignment is tried (J! of them,
+    J = expert devices)."""
     best, kept_best = groups, -1
     for assignment in itertools.permutations(range(len(groups))):
         kept = sum(len(set(groups[g]) & set(current[d])) for d, g in enumerate(assignment))
@@ -154,7 +192,8 @@ def plan_placement(
     the most of their experts, so that as little as possible moves.
 
     loads [L, E]: each canonical expert's load (e.g. share of routed assignments); order
-    [L, E]: the placement in use. Returns (order [L, E], imbalance before [L], after [L])."""
+    [L, R]: the placement in use (R = E, or more rows when some slots are empty, -1). Returns
+    (order [L, R], imbalance before [L], after [L])."""
     order = np.asarray(order, np.int32)
     per_device = order.shape[1] // devices
     before = np.array([imbalance(row) for row in device_load_rows(loads, order, devices)])
@@ -164,8 +203,11 @@ def plan_placement(
         groups = list(rebalance_experts(loads[layer], names, per_device).values())
         current = order[layer].reshape(devices, per_device)
         placed = _least_moves(groups, current)
-        # A device that keeps its experts keeps their rows too.
-        placed = [c if set(g) == set(c) else g for g, c in zip(placed, current, strict=True)]
+        # A device that keeps its experts keeps their rows too; the others' empty slots last.
+        placed = [
+            c if set(g) == set(c[c >= 0]) else (*g, *[-1] * (per_device - len(g)))
+            for g, c in zip(placed, current, strict=True)
+        ]
         row = np.array([e for g in placed for e in g], np.int32)
         balanced = imbalance(device_load_rows(loads[layer][None], row[None], devices)[0])
         if balanced < before[layer]:

@@ -27,6 +27,8 @@ and the placement is planned from the routed loads, not from the time models' pr
 `ma_separation.expert_compute: filled_slots` an expert device computes only the slots that hold
 tokens, so its work follows the load the placement evens; with `capacity` it computes every
 slot whatever the routing, and only the loads even out.
+After an expert device fails (`MARunner.fail_devices`) the loop goes on over the surviving
+expert devices, their slots (empty ones included) placed as above.
 Measuring needs every device's runs in one trace, so the loop runs in single-process runs only.
 The trace format is the one of JAX's CPU client (each operation with `device_ordinal` and
 `run_id`); a trace without such runs (another backend) gives a record with `"samples": 0` and
@@ -61,7 +63,6 @@ class SyncLoop:
     def __init__(self, cfg: Config, runner: Any):
         self.cfg = cfg
         self.runner = runner
-        self.expert_devices = [d.id for d in runner.expert_mesh.devices.flat]
         self.interval = cfg.ma_separation.synchronization.sync_interval
         self.window: list[measure.StageSamples] = []
         self.predictor = None
@@ -72,6 +73,11 @@ class SyncLoop:
         self._load_sum: np.ndarray | None = None
         self._load_steps = 0
         self._last: dict[str, Any] | None = None  # step and predicted imbalance of the last act
+
+    @property
+    def expert_devices(self) -> list[int]:
+        """The runner's expert devices now (fewer after an expert device failed)."""
+        return [d.id for d in self.runner.expert_mesh.devices.flat]
 
     def note_step(self, expert_fraction_by_layer: np.ndarray) -> None:
         """Add a step's per-layer expert shares [L, E] to the interval's loads."""
@@ -144,7 +150,7 @@ class SyncLoop:
             shutil.rmtree(self._trace_dir, ignore_errors=True)
         rounds = runner.microbatches * runner.accumulation
         sequences = cfg.sequence.batch_size // rounds
-        per_device = cfg.moe.experts_per_layer // len(self.expert_devices)
+        per_device = runner.experts.num_rows // len(self.expert_devices)  # slots, empty ones too
         assignments = balancer.device_load_rows(
             np.asarray(expert_fraction_by_layer, np.float64)
             * sequences

@@ -191,9 +191,9 @@ class MARunner(Runner):
 
     def move_experts(self, state: Any, order: np.ndarray) -> tuple[Any, int]:
         """Re-place the experts: every expert leaf of the parameters and of the AdamW moments
-        goes to its row of `order` ([L, E]), device to device on the expert pool (one jitted
-        program per tree, gathering along the expert axis, the old arrays donated), and the
-        runner uses `order` from then on.
+        goes to its row of `order` ([L, R]; -1: an empty slot, zeros), device to device on the
+        expert pool (one jitted program per tree, gathering along the expert axis, the old
+        arrays donated), and the runner uses `order` from then on.
         Returns (state, moved bytes): the bytes of the experts that changed device, each
         expert's weights and both moments counted once."""
         new = ExpertOrder.of(order)
@@ -203,7 +203,8 @@ class MARunner(Runner):
         for layer in range(self.num_layers):
             if np.array_equal(old.rows(layer), new.rows(layer)):
                 continue
-            perms[layer] = old.row_of(layer)[new.rows(layer)]
+            rows = new.rows(layer)
+            perms[layer] = np.where(rows >= 0, old.row_of(layer)[np.maximum(rows, 0)], -1)
             before, after = old.row_of(layer) // per_device, new.row_of(layer) // per_device
             moved_experts[layer] = int(np.sum(before != after))
         if not perms:
@@ -281,27 +282,43 @@ class MARunner(Runner):
         return _canonical_squared_norm(grads, rows)
 
     def _permute_experts(self, tree: Tree, perms: dict[int, np.ndarray]) -> Tree:
-        """`tree` with each expert leaf of a layer in `perms` reordered along its expert axis."""
+        """`tree` with each expert leaf of a layer in `perms` reordered along its expert axis
+        (row i takes row perms[layer][i], or zeros where that is -1)."""
 
         def names(path: tuple) -> tuple[str, ...]:
             return tuple(
                 str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path
             )
 
-        def permute(path: tuple, x: jax.Array) -> jax.Array:
+        def layer_moved(path: tuple) -> int | None:
             keys = names(path)
             if "layers" not in keys or not self.layout.is_expert(keys):
-                return x
+                return None
             layer = layer_of(keys)
-            return x[perms[layer]] if layer in perms else x
+            return layer if layer in perms else None
 
-        shardings = jax.tree.map(lambda x: x.sharding, tree)
+        def permute(layer: int, x: jax.Array) -> jax.Array:
+            perm = perms[layer]
+            gathered = x[np.maximum(perm, 0)]
+            if np.all(perm >= 0):
+                return gathered
+            filled = (perm >= 0).reshape((-1,) + (1,) * (x.ndim - 1))
+            return jnp.where(filled, gathered, jnp.zeros((), x.dtype))
+
+        # Only the moved leaves enter the program: the others (e.g. an optimizer count that is
+        # an uncommitted scalar after a restore) stay as they are, wherever they are.
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+        picked = [(i, layer_moved(path)) for i, (path, _) in enumerate(leaves)]
+        picked = [(i, layer) for i, layer in picked if layer is not None]
         move = jax.jit(
-            lambda t: jax.tree_util.tree_map_with_path(permute, t),
-            out_shardings=shardings,
+            lambda xs: [permute(layer, x) for (_, layer), x in zip(picked, xs, strict=True)],
+            out_shardings=[leaves[i][1].sharding for i, _ in picked],
             donate_argnums=0,
         )
-        return move(tree)
+        out = [x for _, x in leaves]
+        for (i, _), x in zip(picked, move([leaves[i][1] for i, _ in picked]), strict=True):
+            out[i] = x
+        return jax.tree_util.tree_unflatten(treedef, out)
 
     def abstract_params(self) -> Params:
         """ShapeDtypeStructs (with shardings) of the MA-layout parameters; allocates nothing."""
