@@ -49,9 +49,7 @@
 # 16 emulated devices before JAX starts (for the live plan at the end).
 import os
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=16"
-).strip()
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=16"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import json  # noqa: E402

@@ -49,9 +49,7 @@
 # First: 16 emulated devices, set before JAX starts (restart the kernel to change them).
 import os
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=16"
-).strip()
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=16"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402

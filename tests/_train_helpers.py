@@ -11,15 +11,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 COMPILE_CACHE = Path(os.environ.get("MAXJAX_TEST_COMPILE_CACHE", "/tmp/maxjax-test-compile-cache"))
 
-# The suite compiles hundreds of small programs and runs each a few times, so XLA's CPU backend
-# is told to compile fast rather than emit fast code (about a third less compile time per
-# program here); every test's bound holds for either code. Timings printed under these flags
-# are not the project's: the benchmarks and notebooks run without them outside the suite.
-FAST_COMPILE_XLA_FLAGS = (
-    "--xla_cpu_use_fusion_emitters=false --xla_llvm_disable_expensive_passes=true"
-    " --xla_backend_optimization_level=0"
-)
-
 # tiny.yaml's structure (4 layers, 32 heads, 16 experts, top-2, the 12 + 4 device split) with
 # narrower widths, shorter sequences and a short schedule, so a step takes a fraction of a second.
 FAST = [

@@ -1,22 +1,17 @@
 """Give every test 16 emulated CPU devices (the seed's 4 nodes x 4 GPUs) before JAX starts, and
 one persistent compilation cache shared by the tests, the command lines they start and the
 notebook kernels (the environment is inherited), so a program compiled once is not compiled again
-by the next file or process that builds the same one. XLA compiles for compile speed here
-(`FAST_COMPILE_XLA_FLAGS`)."""
+by the next file or process that builds the same one."""
 
 import os
 
-from _train_helpers import COMPILE_CACHE, FAST_COMPILE_XLA_FLAGS
+from _train_helpers import COMPILE_CACHE
 
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(COMPILE_CACHE))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-os.environ["XLA_FLAGS"] = " ".join(
-    [
-        os.environ.get("XLA_FLAGS", ""),
-        FAST_COMPILE_XLA_FLAGS,
-        "--xla_force_host_platform_device_count=16",
-    ]
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=16"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 

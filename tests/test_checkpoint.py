@@ -17,7 +17,6 @@ import orbax.checkpoint as ocp
 import pytest
 from _train_helpers import (
     FAST,
-    FAST_COMPILE_XLA_FLAGS,
     REPO,
     one_error_line,
     subprocess_env,
@@ -177,10 +176,7 @@ def test_bad_arguments_are_one_line(tmp_path, capsys, extra, expected):
 
 @pytest.mark.skipif("ma" not in STRATEGIES, reason="the MA separation runner is not registered")
 def test_too_few_devices_is_one_line(tmp_path):
-    env = {
-        **subprocess_env(),
-        "XLA_FLAGS": f"{FAST_COMPILE_XLA_FLAGS} --xla_force_host_platform_device_count=4",
-    }
+    env = {**subprocess_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     result = subprocess.run(
         [sys.executable, "-m", "maxjax.train", *train_argv(tmp_path, 4, strategy="ma")],
         cwd=REPO,

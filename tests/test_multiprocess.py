@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-from _train_helpers import FAST_COMPILE_XLA_FLAGS
 
 ROOT = Path(__file__).parent.parent
 PROCESSES = 4
@@ -30,12 +29,11 @@ def free_port() -> int:
 
 
 def cluster_env() -> dict[str, str]:
-    """The environment of a launched process: the suite's compile flags but not its device count,
-    and no compile cache (a process that loads programs from the cache runs ahead of one that
-    compiles them, and gloo gives up on collectives whose peers are 30 s apart)."""
+    """The environment of a launched process: no device count or compile cache from the
+    suite's (a process that loads programs from the cache runs ahead of one that compiles them,
+    and gloo gives up on collectives whose peers are 30 s apart)."""
     drop = ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")
-    kept = {k: v for k, v in os.environ.items() if k not in drop}
-    return {**kept, "XLA_FLAGS": FAST_COMPILE_XLA_FLAGS}
+    return {k: v for k, v in os.environ.items() if k not in drop}
 
 
 # Two layers and one validation batch keep the four processes' compiles and runs short; a
