@@ -1,8 +1,8 @@
 """The balancer: decide when the pools are out of balance and what plan restores it.
 
 Pure functions of arrays and plain values. A plan is an expert placement (which expert lives on
-which expert device, each device holding at most `experts_per_gpu`) and a micro-batch count for the
-ping-pong schedule between the attention and expert pools.
+which expert device, each device holding at most `experts_per_gpu`) and a micro-batch count for
+the ping-pong schedule between the attention and expert pools.
 """
 
 from __future__ import annotations
