@@ -181,8 +181,8 @@ class Synchronization:
         "re-placement of experts in layers out of balance; 0: off (seed)"
     )
     load_balancing_threshold: float = _key(
-        "imbalance of a layer's expert-device loads above which the sync loop re-places its "
-        "experts; in [0, 1) (seed)"
+        "imbalance of a layer's expert devices (predicted stage times; routed loads before a "
+        "time model is fitted) above which the sync loop re-places its experts; in [0, 1) (seed)"
     )
     communication_compression: str = _key(
         "'8-bit quantization' (int8 + one float32 scale per token between the pools) or 'none' "

@@ -35,13 +35,14 @@
 #    the imbalance between the expert devices and between the pools;
 # 3. **the two time models** scored on each sync point's measurements before they are refit on
 #    them (held out): the seed's MLP and a least-squares linear model, and which one decides;
-# 4. **the balancer acting**: at each sync point the layers whose expert devices' routed loads
-#    differ by more than the threshold get a new placement (`sync.plan_placement`), and the
-#    experts move with their AdamW moments (`MARunner.move_experts`); the device loads before
-#    and after each sync point;
+# 4. **the balancer acting**: at each sync point the layers whose expert devices' stage times,
+#    as the deciding model predicts them from the routed loads, differ by more than the
+#    threshold get a new placement (`sync.plan_placement`; at the first sync point, with no
+#    model yet, the loads decide), and the experts move with their AdamW moments
+#    (`MARunner.move_experts`); the device loads before and after each sync point;
 # 5. **a skewed router**: the same model with each layer's hottest experts on one expert
-#    device, trained with the balancer acting, against the same steps with it off: the devices
-#    even out and the losses stay the same.
+#    device, trained with the balancer acting on the loads, against the same steps with it
+#    off: the devices even out and the losses stay the same.
 #
 # What is not here: the micro-batch count stays as configured; the bytes an expert device
 # receives do not follow its load (the buffers have static shapes), only its computation does.
@@ -183,8 +184,11 @@ fig.tight_layout()
 # ## 4 · The MLP against a linear model, on measurements neither has seen
 #
 # Before refitting at a sync point, both models fitted at the previous one predict the new
-# samples; their mean absolute percentage errors are `predictor_mape` and `linear_mape`. A
-# decision uses the MLP only where it does at least as well (`decided_by`).
+# samples; their mean absolute percentage errors are `predictor_mape` and `linear_mape`. The
+# better one (the MLP where it does at least as well, `decided_by`) decides the re-placement
+# below: it predicts each expert device's stage time from its load, and a layer is re-placed
+# when those times differ by more than the threshold. At the first sync point no model has
+# been scored yet and the loads decide.
 
 # %%
 scored = [r for r in syncs if r["predictor_mape"] is not None]
@@ -209,7 +213,9 @@ for r in scored:
 # At each sync point, per layer: the expert devices' loads (routed assignments over the
 # interval) under the placement in use (`load_imbalance_before`), the imbalance the new
 # placement gives the same loads (`load_imbalance_after`, predicted), and at the next sync
-# point what the interval after it measured (`previous_load_imbalance_after`).
+# point what the interval after it measured (`previous_load_imbalance_after`). The printout
+# gives what decided each sync point and, where a time model did, the predicted imbalance of
+# the expert-stage times before and after.
 
 # %%
 fig, axes = plt.subplots(1, layers, figsize=(13, 3), sharey=True)
@@ -233,8 +239,14 @@ axes[0].set_ylabel("load imbalance between expert devices")
 axes[0].legend(fontsize=7)
 fig.tight_layout()
 for r in syncs:
+    timed, after = r["predicted_time_imbalance_before"], r["predicted_time_imbalance_after"]
+    times = ""
+    if timed is not None:
+        pairs = ", ".join(f"{b:.2f}->{a:.2f}" for b, a in zip(timed, after, strict=True))
+        times = f" predicted time imbalance {pairs};"
     print(
-        f"step {r['step']}: moved layers {r['layers_moved']}, {r['moved_bytes'] / 2**20:.1f} MiB "
+        f"step {r['step']} ({r['decided_by']} decide{'s' if timed else ''}):{times} moved "
+        f"layers {r['layers_moved']}, {r['moved_bytes'] / 2**20:.1f} MiB "
         f"in {r['move_seconds'] * 1e3:.0f} ms"
     )
 

@@ -190,6 +190,33 @@ def test_plan_placement_evens_the_layers_out_of_balance_and_moves_little():
     np.testing.assert_array_equal(unchanged, before)
 
 
+def test_plan_placement_judged_by_a_time_model_moves_only_what_the_times_say():
+    """With a device-time model the threshold applies to predicted times. Loads as in the test
+    above: layer 1's device loads 0.4, 0.2, 0.2, 0.2 (load imbalance 0.5). A model whose time
+    does not depend on the load (every slot computed) sees no imbalance and moves nothing; one
+    whose time is 1 + load sees (1.4 - 1.2) / 1.4 = 0.14 > 0.05, and the balanced placement
+    takes it to 0; with 1 + load / 10, 0.02 / 1.04 < 0.05 and nothing moves."""
+    from maxjax.sync.balancer import plan_placement
+
+    order = np.tile(np.arange(16, dtype=np.int32), (2, 1))
+    loads = np.full((2, 16), 1 / 16)
+    loads[1] = [0.1] * 4 + [0.05] * 12
+
+    def flat(rows):
+        return np.ones_like(rows)
+
+    same, before, after = plan_placement(loads, order, 4, 0.05, device_time=flat)
+    np.testing.assert_array_equal(same, order)
+    np.testing.assert_array_equal(before, [0.0, 0.0])
+    new, before, after = plan_placement(loads, order, 4, 0.05, device_time=lambda r: 1 + r)
+    assert before[1] == pytest.approx(0.2 / 1.4) and after[1] == pytest.approx(0.0, abs=1e-12)
+    np.testing.assert_array_equal(new[0], order[0])
+    assert not np.array_equal(new[1], order[1])
+    weak = plan_placement(loads, order, 4, 0.05, device_time=lambda r: 1 + r / 10)
+    np.testing.assert_array_equal(weak[0], order)
+    assert weak[1][1] == pytest.approx(0.02 / 1.04)
+
+
 def test_plan_placement_fills_the_surviving_devices_slots_after_an_expert_device_failed():
     """16 experts on 3 devices with 6 slots each (device 13 of 4 failed; -1: an empty slot).
     The hot experts all sit on the first device: the plan spreads them, holds every expert

@@ -29,6 +29,8 @@ SYNC_KEYS = (
     "load_imbalance_before",
     "imbalance_after",
     "load_imbalance_after",
+    "predicted_time_imbalance_before",
+    "predicted_time_imbalance_after",
     "previous_load_imbalance_after",
     "layers_moved",
     "moved_bytes",
@@ -180,14 +182,28 @@ def test_training_with_the_sync_loop_writes_records_and_the_same_losses(tmp_path
         assert 0 <= record["imbalance_before"] < 1 and 0 <= record["pool_imbalance"] < 1
         assert all(t > 0 for t in record["expert_stage_seconds"])
         assert len(record["expert_mapping"]) == 4 and len(record["load_imbalance_after"]) == 4
-    assert synced[0]["predictor_mape"] is None  # nothing fitted before the first sync point
+    # Nothing fitted before the first sync point: the loads decide there. A random router is
+    # out of balance by more than 5%, so the loop moved experts at step 2.
+    assert synced[0]["predictor_mape"] is None and synced[0]["decided_by"] == "loads"
+    assert synced[0]["predicted_time_imbalance_before"] is None
+    assert synced[0]["applied"] and synced[0]["moved_bytes"] > 0
+    assert synced[0]["layers_moved"] == [
+        layer for layer, value in enumerate(synced[0]["load_imbalance_before"]) if value > 0.05
+    ]
     assert synced[1]["predictor_mape"] >= 0 and synced[1]["linear_mape"] >= 0
+    # At step 4 the better model's predicted expert-stage times decide: a layer moves only
+    # where they differ by more than the threshold and the new placement evens them.
     assert synced[1]["decided_by"] in ("predictor", "linear")
+    before, after = (synced[1][f"predicted_time_imbalance_{k}"] for k in ("before", "after"))
+    assert len(before) == len(after) == 4
+    assert synced[1]["layers_moved"] == [
+        layer for layer in range(4) if before[layer] > 0.05 and after[layer] < before[layer]
+    ]
+    assert synced[1]["applied"] == (synced[1]["moved_bytes"] > 0) == bool(synced[1]["layers_moved"])
     assert synced[1]["previous_load_imbalance_after"]["step"] == 2
     assert synced[2]["previous_load_imbalance_after"] is None  # models and loads: in memory
-    # A random router is out of balance by more than 5%: the loop moved experts at step 4,
-    # and the checkpoint of step 4 holds that placement; a fresh runner takes it on restore.
-    assert synced[1]["applied"] and synced[1]["moved_bytes"] > 0
+    # The checkpoint of step 4 holds the placement in use after that sync point (moved at step
+    # 2, and at step 4 where the model said so); a fresh runner takes it on restore.
     cfg = load_config("configs/tiny.yaml", [*FAST, *extra, interval])
     runner = MARunner(cfg)
     configured = runner.storage_layout()["expert_order"]

@@ -184,19 +184,32 @@ def _least_moves(groups: list[tuple[int, ...]], current: np.ndarray) -> list[tup
 
 
 def plan_placement(
-    loads: np.ndarray, order: np.ndarray, devices: int, threshold: float
+    loads: np.ndarray,
+    order: np.ndarray,
+    devices: int,
+    threshold: float,
+    device_time: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A new placement for the layers whose expert devices' loads differ by more than
-    `threshold` (`imbalance`), each re-placed by `rebalance_experts` and kept only where it
-    evens the devices; the others keep their order. The new groups go to the devices that keep
-    the most of their experts, so that as little as possible moves.
+    """A new placement for the layers whose expert devices differ by more than `threshold`
+    (`imbalance`), each re-placed by `rebalance_experts` and kept only where it evens the
+    devices; the others keep their order. The new groups go to the devices that keep the most
+    of their experts, so that as little as possible moves.
 
     loads [L, E]: each canonical expert's load (e.g. share of routed assignments); order
-    [L, R]: the placement in use (R = E, or more rows when some slots are empty, -1). Returns
-    (order [L, R], imbalance before [L], after [L])."""
+    [L, R]: the placement in use (R = E, or more rows when some slots are empty, -1).
+    `device_time` maps the devices' loads [N, J] to their predicted stage times [N, J] (a
+    fitted time model); with it, the devices are compared by predicted time (what the
+    threshold applies to, and what a new placement must even), otherwise by load. The groups are
+    planned from the loads either way. Returns (order [L, R], imbalance before [L], after [L])."""
     order = np.asarray(order, np.int32)
     per_device = order.shape[1] // devices
-    before = np.array([imbalance(row) for row in device_load_rows(loads, order, devices)])
+
+    def spread(layer_loads: np.ndarray, layer_order: np.ndarray) -> np.ndarray:
+        rows = device_load_rows(layer_loads, layer_order, devices)
+        values = rows if device_time is None else device_time(rows)
+        return np.array([imbalance(v) for v in values])
+
+    before = spread(loads, order)
     new_order, after = order.copy(), before.copy()
     names = [str(d) for d in range(devices)]
     for layer in np.flatnonzero(before > threshold):
@@ -209,7 +222,7 @@ def plan_placement(
             for g, c in zip(placed, current, strict=True)
         ]
         row = np.array([e for g in placed for e in g], np.int32)
-        balanced = imbalance(device_load_rows(loads[layer][None], row[None], devices)[0])
+        balanced = spread(loads[layer][None], row[None])[0]
         if balanced < before[layer]:
             new_order[layer], after[layer] = row, balanced
     return new_order, before, after

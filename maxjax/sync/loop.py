@@ -10,23 +10,25 @@ training step under the profiler (`SyncLoop.measuring`), and `SyncLoop.observe` 
    `decided_by`, the one a decision uses (the MLP where it does at least as well);
 3. refits both models on the samples of the last `WINDOW` sync points;
 4. re-places the experts (`SyncLoop.act`): per layer, the expert devices' loads are the routed
-   assignments of their experts averaged over the interval's steps (`note_step`); a layer whose
-   devices differ by more than `load_balancing_threshold` gets the balancer's placement
-   (`balancer.plan_placement`), and `MARunner.move_experts` moves its experts with their AdamW
-   moments between the expert devices. The placement changes what runs where, never what is
-   computed (`tests/test_sync_loop.py` compares the losses with and without the loop);
+   assignments of their experts averaged over the interval's steps (`note_step`), and the
+   model `decided_by` turns each device's load into its predicted expert-stage time
+   (`SyncLoop.device_time`). A layer whose devices' predicted times differ by more than
+   `load_balancing_threshold` gets the balancer's placement (`balancer.plan_placement`:
+   planned from the loads, kept where it evens the predicted times), and
+   `MARunner.move_experts` moves its experts with their AdamW moments between the expert
+   devices. At the first sync point no model has been scored yet and the loads decide
+   (`decided_by: "loads"`). The placement changes what runs where, never what is computed
+   (`tests/test_sync_loop.py` compares the losses with and without the loop);
 5. returns the sync record for metrics.jsonl: the measured imbalance of the stage times between
    the expert devices and between the pools, the load imbalance before and (predicted) after
    the re-placement per layer, what moved, and the placement in use after it. The next
    record gives the load imbalance measured over the interval that followed
    (`previous_load_imbalance_after`).
 
-The micro-batch count stays as configured (`microbatches` in the record is the one in use),
-and the placement is planned from the routed loads, not from the time models' predictions
-(`decided_by` names the model a time-based decision would use). With
-`ma_separation.expert_compute: filled_slots` an expert device computes only the slots that hold
-tokens, so its work follows the load the placement evens; with `capacity` it computes every
-slot whatever the routing, and only the loads even out.
+The micro-batch count stays as configured (`microbatches` in the record is the one in use).
+With `ma_separation.expert_compute: filled_slots` an expert device computes only the slots that
+hold tokens, so its time follows the load the placement evens; with `capacity` it computes
+every slot whatever the routing, and a placement evens the loads, not the times.
 After an expert device fails (`MARunner.fail_devices`) the loop goes on over the surviving
 expert devices, their slots (empty ones included) placed as above.
 Measuring needs every device's runs in one trace, so the loop runs in single-process runs only.
@@ -43,15 +45,23 @@ import contextlib
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from maxjax.config import Config
 from maxjax.sync import balancer, measure
-from maxjax.sync.predictor import fit, fit_linear, held_out_scores, init_predictor
+from maxjax.sync.predictor import (
+    fit,
+    fit_linear,
+    held_out_scores,
+    init_predictor,
+    predict,
+    predict_linear,
+)
 
 WINDOW = 4  # sync points whose samples the models are fitted on
 
@@ -90,29 +100,44 @@ class SyncLoop:
         over the steps since the last sync point."""
         return self._load_sum / max(self._load_steps, 1)
 
-    def act(self, state: Any, step: int) -> tuple[Any, dict[str, Any]]:
-        """Step 4 of the module docstring: re-place the experts of the layers out of balance.
-        Returns (state, the record's placement keys)."""
+    def act(
+        self, state: Any, step: int, decided_by: str | None = None
+    ) -> tuple[Any, dict[str, Any]]:
+        """Step 4 of the module docstring: re-place the experts of the layers out of balance,
+        judged by the predicted stage times of the time model `decided_by` ("predictor" or
+        "linear"), or by the loads (None: no model fitted yet). Returns (state, the record's
+        placement keys)."""
         start = time.perf_counter()
         runner, devices = self.runner, len(self.expert_devices)
         loads = self.interval_loads()
+        device_time = None if decided_by is None else self.device_time(decided_by)
         order, before, after = balancer.plan_placement(
-            loads, runner.experts.order, devices, self.threshold
+            loads, runner.experts.order, devices, self.threshold, device_time
+        )
+        load_before, load_after = (
+            np.array(
+                [balancer.imbalance(row) for row in balancer.device_load_rows(loads, o, devices)]
+            )
+            for o in (runner.experts.order, order)
         )
         previous = None
         if self._last is not None:
             previous = {
                 "step": self._last["step"],
                 "predicted": self._last["predicted"],
-                "measured": before.tolist(),
+                "measured": load_before.tolist(),
             }
         state, moved = runner.move_experts(state, order)
-        self._last = {"step": step, "predicted": after.tolist()}
+        self._last = {"step": step, "predicted": load_after.tolist()}
         self._load_sum, self._load_steps = None, 0
+        timed = decided_by is not None
         return state, {
-            "load_imbalance_before": before.tolist(),
+            "decided_by": decided_by or "loads",
+            "load_imbalance_before": load_before.tolist(),
             "imbalance_after": float(after.max()),
-            "load_imbalance_after": after.tolist(),
+            "load_imbalance_after": load_after.tolist(),
+            "predicted_time_imbalance_before": before.tolist() if timed else None,
+            "predicted_time_imbalance_after": after.tolist() if timed else None,
             "previous_load_imbalance_after": previous,
             "layers_moved": [int(layer) for layer in np.flatnonzero(after < before)],
             "moved_bytes": int(moved),
@@ -148,14 +173,9 @@ class SyncLoop:
             runs = measure.program_runs(measure.newest_trace(self._trace_dir))
         finally:
             shutil.rmtree(self._trace_dir, ignore_errors=True)
-        rounds = runner.microbatches * runner.accumulation
-        sequences = cfg.sequence.batch_size // rounds
-        per_device = runner.experts.num_rows // len(self.expert_devices)  # slots, empty ones too
+        shape = self._shape()
         assignments = balancer.device_load_rows(
-            np.asarray(expert_fraction_by_layer, np.float64)
-            * sequences
-            * cfg.sequence.length
-            * cfg.moe.top_k,
+            np.asarray(expert_fraction_by_layer, np.float64) * shape["assignments_per_share"],
             runner.experts.order,
             len(self.expert_devices),
         )
@@ -165,13 +185,57 @@ class SyncLoop:
             expert_devices=self.expert_devices,
             layers=cfg.model.layers,
             microbatches=runner.microbatches,
-            microbatch_sequences=sequences,
+            microbatch_sequences=shape["microbatch_sequences"],
             sequence_length=cfg.sequence.length,
-            heads_per_attention_device=cfg.model.attention_heads / len(runner.attention_devices),
-            experts_per_device=per_device,
+            heads_per_attention_device=shape["heads_per_attention_device"],
+            experts_per_device=shape["experts_per_device"],
             compression=runner.compress,
             assignments=assignments,
         )
+
+    def _shape(self) -> dict[str, Any]:
+        """The step's shape as the time models' features see it."""
+        cfg, runner = self.cfg, self.runner
+        sequences = cfg.sequence.batch_size // (runner.microbatches * runner.accumulation)
+        return {
+            "microbatch_sequences": sequences,
+            # routed assignments per micro-batch for a share of 1
+            "assignments_per_share": sequences * cfg.sequence.length * cfg.moe.top_k,
+            "heads_per_attention_device": cfg.model.attention_heads / len(runner.attention_devices),
+            "experts_per_device": runner.experts.num_rows // len(self.expert_devices),
+        }
+
+    def device_time(self, model: str) -> Callable[[np.ndarray], np.ndarray]:
+        """Predicted expert-stage time (forward plus backward) of each expert device per
+        micro-batch, as a function of the devices' shares of the routed assignments [N, J], by
+        the fitted time model `model` ("predictor" or "linear")."""
+        shape = self._shape()
+
+        def times(shares: np.ndarray) -> np.ndarray:
+            tokens = np.asarray(shares, np.float64) * shape["assignments_per_share"]
+            total = np.zeros(tokens.shape)
+            for backward in (0, 1):
+                features = np.zeros((tokens.size, len(measure.FEATURES)))
+                features[:, measure.FEATURES.index("expert_stage")] = 1
+                features[:, measure.FEATURES.index("backward")] = backward
+                features[:, measure.FEATURES.index("tokens")] = tokens.ravel()
+                features[:, measure.FEATURES.index("sequence_length")] = self.cfg.sequence.length
+                features[:, measure.FEATURES.index("compression")] = int(self.runner.compress)
+                for name in ("microbatch_sequences", "heads_per_attention_device"):
+                    features[:, measure.FEATURES.index(name)] = shape[name]
+                features[:, measure.FEATURES.index("experts_per_device")] = shape[
+                    "experts_per_device"
+                ]
+                if model == "predictor":
+                    predicted = np.asarray(
+                        predict(self.predictor, jnp.asarray(features, jnp.float32))
+                    )
+                else:
+                    predicted = predict_linear(self.linear, features)
+                total += predicted[:, 0].reshape(tokens.shape)
+            return total
+
+        return times
 
     def observe(
         self, step: int, expert_fraction_by_layer: np.ndarray, state: Any
@@ -180,10 +244,10 @@ class SyncLoop:
         noted): (the state, re-placed where the balancer acted, and the sync record)."""
         start = time.perf_counter()
         new = self.samples(expert_fraction_by_layer)
-        state, placement = self.act(state, step)
         if not len(new.times):
             # Traces of other backends may name devices and executions differently: say so in
-            # the record and go on training.
+            # the record, place by the loads and go on training.
+            state, placement = self.act(state, step)
             return state, {
                 "event": "sync",
                 "step": step,
@@ -195,6 +259,7 @@ class SyncLoop:
         scores: dict[str, Any] = {"predictor_mape": None, "linear_mape": None, "decided_by": None}
         if self.predictor is not None:
             scores = held_out_scores(self.predictor, self.linear, new.features, new.times[:, None])
+        state, placement = self.act(state, step, scores.pop("decided_by"))
         self.window = [*self.window[-(WINDOW - 1) :], new]
         features = np.concatenate([s.features for s in self.window])
         times = np.concatenate([s.times for s in self.window])[:, None]
