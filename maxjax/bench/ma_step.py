@@ -1,7 +1,7 @@
 """MA separation vs the single-device reference: step time, bytes between the pools, programs.
 
 `python -m maxjax.bench ma-step [--config tiny] [--repeats N] [--skip-paper] [--trace DIR]
-[--json PATH]`
+[--microbatch-sweep] [--json PATH]`
 
 On 16 emulated CPU devices (set up here before JAX starts), for the tiny config:
 
@@ -12,6 +12,8 @@ On 16 emulated CPU devices (set up here before JAX starts), for the tiny config:
 - bytes per layer each way between the pools, with and without 8-bit compression (from shapes),
   and the bytes the attention pool's collectives move inside it;
 - programs and device-to-device copies dispatched per step;
+- with ``--microbatch-sweep``: the same comparison with 1, 2 and 4 micro-batches, with the CPU
+  time of each step: on CPU a micro-batch overlaps nothing, so this is what each one adds;
 - the attention replicas' standby copy per attention device (``replication_factor: 2``); the
   time its refresh adds to a training step is measured by ``python -m maxjax.bench failover``;
 - expert work against load (``--load``): the expert programs' time on each expert device
@@ -41,7 +43,7 @@ import json
 import os
 import statistics
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 DEVICES = 16
 
@@ -75,54 +77,114 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--load", action="store_true", help="expert time per device, uniform vs skewed router"
     )
+    parser.add_argument(
+        "--microbatch-sweep",
+        action="store_true",
+        help="also time MA against single with 1, 2 and 4 micro-batches",
+    )
     parser.add_argument("--json", default=None, help="write the figures to this file")
     return parser.parse_args(argv)
 
 
 def _time_steps(steps: dict[str, Any], repeats: int, warmup: int) -> dict[str, dict[str, float]]:
-    """Median, min and max wall time of each step function. The functions take turns, one run
-    each per round, so a change in the machine's load during the measurement reaches all alike."""
+    """Median, min and max wall time of each step function, and the median CPU time this
+    process spent in it (every thread: the emulated devices' and the driver's). The functions
+    take turns, one run each per round, so a change in the machine's load during the
+    measurement reaches all alike."""
     import jax
 
     for _ in range(warmup):
         for fn in steps.values():
             jax.block_until_ready(fn())
     times: dict[str, list[float]] = {name: [] for name in steps}
+    cpu: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
         for name, fn in steps.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             jax.block_until_ready(fn())
             times[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
     return {
         name: {
             "median_s": statistics.median(values),
             "min_s": min(values),
             "max_s": max(values),
+            "cpu_median_s": statistics.median(cpu[name]),
             "repeats": repeats,
         }
         for name, values in times.items()
     }
 
 
-def measure_steps(args: argparse.Namespace) -> dict[str, Any]:
+def microbatch_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """MA against single with 1, 2 and 4 micro-batches (`--microbatch-sweep`), each pair timed
+    in turns as in `measure_steps`: what each further micro-batch costs here."""
+    from maxjax.config import with_overrides
+    from maxjax.parallel.ma import MARunner
+
+    cfg, tokens, canonical, single, single_params, key = _setup(args)
+    rows = []
+    for micro in (1, 2, 4):
+        ma = MARunner(with_overrides(cfg, [f"ma_separation.microbatches={micro}"]))
+        ma_params = ma.from_canonical(canonical)
+        timings = _time_steps(
+            {
+                "single": lambda: single.value_and_grad(single_params, tokens, key),
+                "ma": lambda ma=ma, p=ma_params: ma.value_and_grad(p, tokens, key),
+            },
+            args.repeats,
+            args.warmup,
+        )
+        rows.append(
+            {
+                "microbatches": micro,
+                "programs_per_step": ma.programs_dispatched,
+                "copies_per_step": ma.transport.copies_dispatched,
+                **{f"{name}_{k}": v for name, t in timings.items() for k, v in t.items()},
+            }
+        )
+        del ma, ma_params
+    return rows
+
+
+class _Setup(NamedTuple):
+    cfg: Any
+    tokens: Any  # [batch, seq + 1]
+    canonical: Any  # the model's parameters, canonical layout, on the host
+    single: Any
+    single_params: Any
+    key: Any
+
+
+def _setup(args: argparse.Namespace) -> _Setup:
+    """The config, a batch, the parameters and the single-device runner the timings share."""
     import jax
     import numpy as np
 
     from maxjax import model
-    from maxjax.config import load_config, with_overrides
+    from maxjax.config import load_config
     from maxjax.parallel import make_runner
-    from maxjax.parallel.ma import MARunner
 
     cfg = load_config(args.config, ["training.dtype=float32", *args.override])
     batch, seq = cfg.sequence.batch_size, cfg.sequence.length
     tokens = np.asarray(jax.random.randint(jax.random.key(0), (batch, seq + 1), 0, 50257))
     canonical = jax.tree.map(np.asarray, jax.jit(lambda: model.init_params(cfg, 0))())
-
     single = make_runner(cfg, "single")
-    single_params = single.from_canonical(canonical)
+    return _Setup(
+        cfg, tokens, canonical, single, single.from_canonical(canonical), jax.random.key(1)
+    )
+
+
+def measure_steps(args: argparse.Namespace) -> dict[str, Any]:
+    import jax
+
+    from maxjax.config import with_overrides
+    from maxjax.parallel.ma import MARunner
+
+    cfg, tokens, canonical, single, single_params, key = _setup(args)
+    batch, seq = cfg.sequence.batch_size, cfg.sequence.length
     ma = MARunner(cfg)
     ma_params = ma.from_canonical(canonical)
-    key = jax.random.key(1)
 
     timings = _time_steps(
         {
@@ -360,9 +422,19 @@ def _report(result: dict[str, Any]) -> None:
     for name, t in steps["step_time"].items():
         print(
             f"  {name:6s} forward+backward: median {t['median_s'] * 1e3:8.1f} ms "
-            f"(min {t['min_s'] * 1e3:.1f}, max {t['max_s'] * 1e3:.1f}, {t['repeats']} runs)"
+            f"(min {t['min_s'] * 1e3:.1f}, max {t['max_s'] * 1e3:.1f}, {t['repeats']} runs); "
+            f"CPU {t['cpu_median_s'] * 1e3:.0f} ms ({t['cpu_median_s'] / t['median_s']:.2f} "
+            "cores busy)"
         )
     print(f"  ma / single: {steps['ma_over_single']:.2f}x (target <= 1.3x)")
+    for row in result.get("microbatch_sweep", []):
+        print(
+            f"  {row['microbatches']} micro-batch(es): ma {row['ma_median_s'] * 1e3:.0f} ms "
+            f"(CPU {row['ma_cpu_median_s'] * 1e3:.0f} ms, {row['programs_per_step']} programs, "
+            f"{row['copies_per_step']} copies), single {row['single_median_s'] * 1e3:.0f} ms "
+            f"(CPU {row['single_cpu_median_s'] * 1e3:.0f} ms): ma / single "
+            f"{row['ma_median_s'] / row['single_median_s']:.2f}x"
+        )
     print(f"  programs dispatched per step: {steps['programs_per_step']}")
     for setting, b in steps["bytes_per_layer"].items():
         print(
@@ -428,6 +500,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(list(argv or []))
     _emulate_devices()
     result: dict[str, Any] = {"steps": measure_steps(args)}
+    if args.microbatch_sweep:
+        result["microbatch_sweep"] = microbatch_sweep(args)
     if args.load:
         result["load"] = expert_time_against_load(args)
     if args.trace:
