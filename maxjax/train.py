@@ -69,7 +69,7 @@ from maxjax.evaluate import (
     validation_loss,
 )
 from maxjax.optim import learning_rate_schedule, make_optimizer
-from maxjax.parallel import Runner, TrainState, check_strategy, make_runner
+from maxjax.parallel import Runner, TrainState, check_backend, check_strategy, make_runner
 from maxjax.parallel.ma.failover import FailoverError, initial_experts
 from maxjax.parallel.mesh import fetch
 from maxjax.sync.loop import SyncLoop
@@ -362,6 +362,7 @@ def train(
     steps = steps or cfg.schedule.total_steps
     directory = Path(checkpoint_dir or cfg.checkpoint.directory)
     check_strategy(cfg, strategy, cfg.sequence.batch_size)
+    check_backend(cfg, strategy)
     train_data = TokenBatches(cfg, "train", **data_shard())
     val_data = validation_batches(cfg, cfg.training.validation_batches, **data_shard())
     runner = make_runner(cfg, strategy)

@@ -274,6 +274,15 @@ def _bad_inputs(tmp_path):
             "'model.hidden_size': unknown key",
         ),
         ("unknown strategy", ["--strategy", "nonesuch"], "'nonesuch' is not available"),
+        (
+            "more MA micro-batches than the CPU backend runs",
+            [
+                *("--strategy", "ma", "--set", "sequence.batch_size=8"),
+                *("--set", "sequence.total_tokens_per_batch=128"),
+                *("--set", "ma_separation.microbatches=8"),
+            ],
+            "ma_separation.microbatches = 8: on the CPU backend MA training with more than 4",
+        ),
     ]
 
 

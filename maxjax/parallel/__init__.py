@@ -28,6 +28,26 @@ from maxjax.parallel.single import SingleRunner
 
 STRATEGIES = ("single", "ma", "tp", "pp", "tp_pp")
 
+# More MA micro-batches than this stalled training on XLA's CPU client: a device's part of a
+# program waiting in a collective holds a thread of a shared pool, and with 8 micro-batches
+# every thread ended up waiting (README, "a known limit of the CPU backend").
+CPU_MAX_MA_MICROBATCHES = 4
+
+
+def check_backend(cfg: Config, strategy: str) -> None:
+    """Raise DeviceError where `cfg` is known not to train on this process's backend: `ma` with
+    more than `CPU_MAX_MA_MICROBATCHES` micro-batches on the CPU backend (where a run stalls in
+    XLA's collectives and is ended after its 40 s timeout)."""
+    import jax
+
+    micro = cfg.ma_separation.microbatches
+    if strategy == "ma" and jax.default_backend() == "cpu" and micro > CPU_MAX_MA_MICROBATCHES:
+        raise DeviceError(
+            f"ma_separation.microbatches = {micro}: on the CPU backend MA training with more than "
+            f"{CPU_MAX_MA_MICROBATCHES} micro-batches stalls in XLA's CPU collectives (see the "
+            f"README); use at most {CPU_MAX_MA_MICROBATCHES} here (GPUs have no such limit)"
+        )
+
 
 def check_strategy(cfg: Config, strategy: str, batch: int | None = None) -> None:
     """Raise ConfigError if `strategy` is unknown or cannot run `cfg` (no devices needed).
@@ -134,6 +154,7 @@ __all__ = [
     "CANONICAL_LAYOUT",
     "STRATEGIES",
     "canonical_from_storage",
+    "check_backend",
     "check_strategy",
     "DeviceError",
     "LayoutReport",
