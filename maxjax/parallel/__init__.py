@@ -28,9 +28,9 @@ from maxjax.parallel.single import SingleRunner
 
 STRATEGIES = ("single", "ma", "tp", "pp", "tp_pp")
 
-# More MA micro-batches than this stalled training on XLA's CPU client: a device's part of a
-# program waiting in a collective holds a thread of a shared pool, and with 8 micro-batches
-# every thread ended up waiting (README, "a known limit of the CPU backend").
+# More MA micro-batches than this stalled training on XLA's CPU client (8 did, within three
+# steps); likely because a device's part of a program waiting in a collective holds a thread of
+# a shared pool (README, "a known limit of the CPU backend").
 CPU_MAX_MA_MICROBATCHES = 4
 
 
