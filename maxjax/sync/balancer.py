@@ -183,6 +183,20 @@ def _least_moves(groups: list[tuple[int, ...]], current: np.ndarray) -> list[tup
     return best
 
 
+def layer_imbalance(
+    loads: np.ndarray,
+    order: np.ndarray,
+    devices: int,
+    device_time: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> np.ndarray:
+    """Per layer, the `imbalance` between the expert devices of placement `order` [L, R] for
+    expert loads [L, E]: of their loads, or of `device_time` of their loads (see
+    `plan_placement`)."""
+    rows = device_load_rows(loads, order, devices)
+    values = rows if device_time is None else device_time(rows)
+    return np.array([imbalance(v) for v in values])
+
+
 def plan_placement(
     loads: np.ndarray,
     order: np.ndarray,
@@ -203,13 +217,7 @@ def plan_placement(
     planned from the loads either way. Returns (order [L, R], imbalance before [L], after [L])."""
     order = np.asarray(order, np.int32)
     per_device = order.shape[1] // devices
-
-    def spread(layer_loads: np.ndarray, layer_order: np.ndarray) -> np.ndarray:
-        rows = device_load_rows(layer_loads, layer_order, devices)
-        values = rows if device_time is None else device_time(rows)
-        return np.array([imbalance(v) for v in values])
-
-    before = spread(loads, order)
+    before = layer_imbalance(loads, order, devices, device_time)
     new_order, after = order.copy(), before.copy()
     names = [str(d) for d in range(devices)]
     for layer in np.flatnonzero(before > threshold):
@@ -222,7 +230,7 @@ def plan_placement(
             for g, c in zip(placed, current, strict=True)
         ]
         row = np.array([e for g in placed for e in g], np.int32)
-        balanced = spread(loads[layer][None], row[None])[0]
+        balanced = layer_imbalance(loads[layer][None], row[None], devices, device_time)[0]
         if balanced < before[layer]:
             new_order[layer], after[layer] = row, balanced
     return new_order, before, after

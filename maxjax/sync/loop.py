@@ -115,10 +115,7 @@ class SyncLoop:
             loads, runner.experts.order, devices, self.threshold, device_time
         )
         load_before, load_after = (
-            np.array(
-                [balancer.imbalance(row) for row in balancer.device_load_rows(loads, o, devices)]
-            )
-            for o in (runner.experts.order, order)
+            balancer.layer_imbalance(loads, o, devices) for o in (runner.experts.order, order)
         )
         previous = None
         if self._last is not None:
@@ -194,46 +191,39 @@ class SyncLoop:
         )
 
     def _shape(self) -> dict[str, Any]:
-        """The step's shape as the time models' features see it."""
+        """The step's features other than the tokens (`measure.FEATURES`, as the time models see
+        them), and `assignments_per_share`: routed assignments per micro-batch for a share of 1."""
         cfg, runner = self.cfg, self.runner
         sequences = cfg.sequence.batch_size // (runner.microbatches * runner.accumulation)
         return {
             "microbatch_sequences": sequences,
-            # routed assignments per micro-batch for a share of 1
-            "assignments_per_share": sequences * cfg.sequence.length * cfg.moe.top_k,
+            "sequence_length": cfg.sequence.length,
             "heads_per_attention_device": cfg.model.attention_heads / len(runner.attention_devices),
             "experts_per_device": runner.experts.num_rows // len(self.expert_devices),
+            "compression": int(runner.compress),
+            "assignments_per_share": sequences * cfg.sequence.length * cfg.moe.top_k,
         }
 
     def device_time(self, model: str) -> Callable[[np.ndarray], np.ndarray]:
         """Predicted expert-stage time (forward plus backward) of each expert device per
         micro-batch, as a function of the devices' shares of the routed assignments [N, J], by
         the fitted time model `model` ("predictor" or "linear")."""
-        shape = self._shape()
+        fixed = self._shape()
+        per_share = fixed.pop("assignments_per_share")
+
+        def predicted(features: np.ndarray) -> np.ndarray:
+            if model == "predictor":
+                return np.asarray(predict(self.predictor, jnp.asarray(features, jnp.float32)))
+            return predict_linear(self.linear, features)
 
         def times(shares: np.ndarray) -> np.ndarray:
-            tokens = np.asarray(shares, np.float64) * shape["assignments_per_share"]
-            total = np.zeros(tokens.shape)
-            for backward in (0, 1):
-                features = np.zeros((tokens.size, len(measure.FEATURES)))
-                features[:, measure.FEATURES.index("expert_stage")] = 1
-                features[:, measure.FEATURES.index("backward")] = backward
-                features[:, measure.FEATURES.index("tokens")] = tokens.ravel()
-                features[:, measure.FEATURES.index("sequence_length")] = self.cfg.sequence.length
-                features[:, measure.FEATURES.index("compression")] = int(self.runner.compress)
-                for name in ("microbatch_sequences", "heads_per_attention_device"):
-                    features[:, measure.FEATURES.index(name)] = shape[name]
-                features[:, measure.FEATURES.index("experts_per_device")] = shape[
-                    "experts_per_device"
-                ]
-                if model == "predictor":
-                    predicted = np.asarray(
-                        predict(self.predictor, jnp.asarray(features, jnp.float32))
-                    )
-                else:
-                    predicted = predict_linear(self.linear, features)
-                total += predicted[:, 0].reshape(tokens.shape)
-            return total
+            tokens = np.asarray(shares, np.float64) * per_share
+            return sum(
+                predicted(measure.feature_rows(tokens, expert_stage=1, backward=b, **fixed))[
+                    :, 0
+                ].reshape(tokens.shape)
+                for b in (0, 1)
+            )
 
         return times
 

@@ -48,6 +48,16 @@ FEATURES = (
 )
 
 
+def feature_rows(tokens: Sequence[float] | np.ndarray, **fixed: float) -> np.ndarray:
+    """Feature rows [N, len(FEATURES)]: the `tokens` feature from `tokens` (one row each), every
+    other feature of `FEATURES` from `fixed`, by name."""
+    tokens = np.asarray(tokens, np.float64).reshape(-1)
+    rows = np.empty((len(tokens), len(FEATURES)))
+    for i, name in enumerate(FEATURES):
+        rows[:, i] = tokens if name == "tokens" else fixed[name]
+    return rows
+
+
 class ProgramRun(NamedTuple):
     device: int
     program: str  # the jitted function's name ("experts_vjp"), without JAX's "jit_"
@@ -131,16 +141,16 @@ def stage_samples(
         layer = (k // microbatches) % layers
         layer = layers - 1 - layer if backward else layer
         rows.append(
-            [
-                int(expert),
-                int(backward),
-                tokens_of(layer),
-                microbatch_sequences,
-                sequence_length,
-                heads_per_attention_device,
-                experts_per_device,
-                int(compression),
-            ]
+            feature_rows(
+                [tokens_of(layer)],
+                expert_stage=int(expert),
+                backward=int(backward),
+                microbatch_sequences=microbatch_sequences,
+                sequence_length=sequence_length,
+                heads_per_attention_device=heads_per_attention_device,
+                experts_per_device=experts_per_device,
+                compression=int(compression),
+            )[0]
         )
         times.append(seconds)
         layer_of.append(layer)
