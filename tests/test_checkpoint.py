@@ -279,9 +279,9 @@ def _bad_inputs(tmp_path):
             [
                 *("--strategy", "ma", "--set", "sequence.batch_size=8"),
                 *("--set", "sequence.total_tokens_per_batch=128"),
-                *("--set", "ma_separation.microbatches=8"),
+                *("--set", "ma_separation.microbatches=4"),
             ],
-            "ma_separation.microbatches = 8: on the CPU backend MA training with more than 4",
+            "ma_separation.microbatches = 4: on the CPU backend MA training with more than 2",
         ),
     ]
 
