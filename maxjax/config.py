@@ -178,15 +178,25 @@ class Synchronization:
     time_prediction_model: str = _key("the stage-time predictor, descriptive (seed)")
     sync_interval: int = _key(
         "steps between sync points: a measured step, refits of the time models and the "
-        "re-placement of experts in layers out of balance; 0: off (seed)"
+        "re-placement of experts in layers out of balance (and the micro-batch count re-chosen "
+        "with rechoose_microbatches); 0: off (seed)"
     )
     load_balancing_threshold: float = _key(
         "imbalance of a layer's expert devices (predicted stage times; routed loads before a "
-        "time model is fitted) above which the sync loop re-places its experts; in [0, 1) (seed)"
+        "time model is fitted) above which the sync loop re-places its experts, and of the two "
+        "pools' measured stage times above which it re-chooses the micro-batch count; in [0, 1) "
+        "(seed)"
     )
     communication_compression: str = _key(
         "'8-bit quantization' (int8 + one float32 scale per token between the pools) or 'none' "
         "(seed)"
+    )
+    rechoose_microbatches: bool = _key(
+        "whether the sync loop also re-chooses ma_separation.microbatches (explores double or "
+        "half, then keeps the count with the smaller predicted step time); off by default: "
+        "another count sums the micro-batches' gradients in another order, so a run's losses "
+        "are no longer bit for bit those of the same run without the loop (maxjax)",
+        False,
     )
 
 

@@ -13,8 +13,9 @@ cosine). Every step appends one JSON line to DIR/metrics.jsonl; every
 training.validation_interval steps (and at the end) the validation loss and perplexity too.
 Every checkpoint.interval_steps (and at the end) a checkpoint is written in the background.
 With "ma", every ma_separation.synchronization.sync_interval steps that step is measured, a
-sync record follows its line, and the experts of layers out of balance are re-placed
-(`maxjax.sync.loop`); the placement is saved with each checkpoint and restored on resume.
+sync record follows its line, the experts of layers out of balance are re-placed and the
+micro-batch count re-chosen (`maxjax.sync.loop`); both are saved with each checkpoint and
+restored on resume.
 
 Running the same command again continues from the newest complete checkpoint with the same data
 order and dropout keys, so its losses equal those of a run that never stopped; metrics.jsonl
@@ -220,11 +221,18 @@ def _host_metrics(metrics: dict[str, jax.Array]) -> dict[str, Any]:
     return out
 
 
+def sync_interval_on(cfg: Config, strategy: str) -> bool:
+    """Whether `strategy` runs the sync loop under `cfg` (MA with a sync interval)."""
+    return strategy == "ma" and cfg.ma_separation.synchronization.sync_interval > 0
+
+
 def sync_loop(cfg: Config, strategy: str, runner: Runner, steps: int) -> SyncLoop | None:
     """The run's sync loop (`maxjax.sync.loop`): for "ma" with a sync interval, in one process;
     None when off or when the run ends before its first sync point."""
-    interval = cfg.ma_separation.synchronization.sync_interval
-    if strategy != "ma" or interval == 0 or steps < interval:
+    if (
+        not sync_interval_on(cfg, strategy)
+        or steps < cfg.ma_separation.synchronization.sync_interval
+    ):
         return None
     if jax.process_count() > 1:
         _note("sync loop off: measuring stage times needs every device in one process")
@@ -384,6 +392,16 @@ def train(
             _warn(f"resuming with config changes in {', '.join(changed)}")
         state = runner.import_train_state(exported, start, tx, meta["layout"])
         train_data.restore(meta["data"])
+        chosen = meta.get("microbatches")
+        rechoosing = cfg.ma_separation.synchronization.rechoose_microbatches
+        if (
+            chosen
+            and rechoosing
+            and sync_interval_on(cfg, strategy)
+            and chosen != runner.microbatches
+        ):
+            runner.set_microbatches(chosen)
+            _note(f"{chosen} micro-batches per step, as the sync loop last chose")
         _note(f"resumed from the checkpoint of step {start} in {directory}")
     else:
         state = runner.init_train_state(runner.init(cfg.training.seed), tx)
@@ -407,6 +425,8 @@ def train(
             "strategy": strategy,
             "layout": runner.storage_layout(),
         }
+        if strategy == "ma":
+            meta["microbatches"] = runner.microbatches
         store.save(state.step, runner.export_train_state(state), meta, cfg.to_dict())
 
     sync = sync_loop(cfg, strategy, runner, steps)

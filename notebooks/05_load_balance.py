@@ -44,8 +44,12 @@
 #    device, trained with the balancer acting on the loads, against the same steps with it
 #    off: the devices even out and the losses stay the same.
 #
-# What is not here: the micro-batch count stays as configured; the bytes an expert device
-# receives do not follow its load (the buffers have static shapes), only its computation does.
+# The same sync points re-choose the micro-batch count when the pools' measured stage times
+# differ by more than the threshold: a neighbouring count (double, half) is measured first, then
+# the models' predicted step times pick one (section 4).
+#
+# What is not here: the bytes an expert device receives do not follow its load (the buffers
+# have static shapes), only its computation does.
 
 # %%
 # First: 16 emulated devices, set before JAX starts (restart the kernel to change them).
@@ -80,7 +84,9 @@ SEED_5_5 = {"std_dev": 0.023, "min_usage": 0.058, "max_usage": 0.089, "load_bala
 # device split at small widths), MA separation, 40 steps; a sync point every 10 steps and each
 # layer's expert shares every 5. The expert devices compute only the filled slots
 # (`ma_separation.expert_compute: filled_slots`; the default, `capacity`, computes every slot,
-# which is faster at these widths on CPU).
+# which is faster at these widths on CPU), and the loop also re-chooses the micro-batch count
+# (`ma_separation.synchronization.rechoose_microbatches`, off by default because a changed count
+# sums the micro-batches in another order).
 
 # %%
 cfg = load_config(
@@ -88,6 +94,7 @@ cfg = load_config(
     [
         "training.dtype=float32",
         "ma_separation.synchronization.sync_interval=10",
+        "ma_separation.synchronization.rechoose_microbatches=true",
         "ma_separation.expert_compute=filled_slots",
         "training.log_interval=5",
         "schedule.warmup_steps=4",
@@ -205,6 +212,26 @@ for r in scored:
     print(
         f"step {r['step']}: MLP {r['predictor_mape']:.1%}, linear {r['linear_mape']:.1%} -> "
         f"{r['decided_by']} decides"
+    )
+
+# %% [markdown]
+# With `rechoose_microbatches` on, the same sync points re-choose the micro-batch count while
+# the pools' measured times differ by more than the threshold: first to a neighbouring count (double or half) that no
+# measurement covers yet (`explore`: the next sync point measures it), then, with two counts
+# measured, to the one whose predicted step time (`predicted_step_seconds`: per layer the
+# attention stage against the slowest expert device, overlapped as the ping-pong schedule
+# overlaps them) is smaller. On two shared CPU cores the emulated devices do not run in
+# parallel, so the overlap the schedule assumes is not what the measured times show here.
+
+# %%
+for r in syncs:
+    predicted = r["predicted_step_seconds"] or {}
+    times = ", ".join(f"{m}: {t * 1e3:.0f} ms" for m, t in predicted.items())
+    print(
+        f"step {r['step']}: pools {r['pool_imbalance']:.2f} apart; micro-batches "
+        f"{r['microbatches_before']} -> {r['microbatches']} "
+        f"({r['microbatches_decided_by'] or 'kept: pools within the threshold'})"
+        + (f"; predicted step {times}" if times else "")
     )
 
 # %% [markdown]

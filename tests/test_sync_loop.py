@@ -8,7 +8,7 @@ import pytest
 from _train_helpers import FAST, records, train_argv, train_losses
 
 from maxjax import train
-from maxjax.sync import measure
+from maxjax.sync import balancer, measure
 from maxjax.sync.measure import ProgramRun
 
 SYNC_KEYS = (
@@ -24,6 +24,9 @@ SYNC_KEYS = (
     "decided_by",
     "expert_mapping",
     "microbatches",
+    "microbatches_before",
+    "microbatches_decided_by",
+    "predicted_step_seconds",
     "applied",
     "seconds",
     "load_imbalance_before",
@@ -178,7 +181,9 @@ def test_training_with_the_sync_loop_writes_records_and_the_same_losses(tmp_path
     for record in synced:
         assert set(record) == set(SYNC_KEYS), set(record) ^ set(SYNC_KEYS)
         assert record["samples"] == 2 * 4 * 2 * (1 + 4)  # sweeps x layers x micro-batches x (1 + J)
-        assert record["microbatches"] == 2
+        # The micro-batch count is re-chosen only with rechoose_microbatches (below).
+        assert record["microbatches_before"] == record["microbatches"] == 2
+        assert record["microbatches_decided_by"] is None
         assert 0 <= record["imbalance_before"] < 1 and 0 <= record["pool_imbalance"] < 1
         assert all(t > 0 for t in record["expert_stage_seconds"])
         assert len(record["expert_mapping"]) == 4 and len(record["load_imbalance_after"]) == 4
@@ -214,10 +219,57 @@ def test_training_with_the_sync_loop_writes_records_and_the_same_losses(tmp_path
     restore_on.close()
     order = [[e for d in mapping.values() for e in d] for mapping in synced[1]["expert_mapping"]]
     assert meta["layout"]["expert_order"] == order != configured
+    assert meta["microbatches"] == 2
     assert runner.storage_layout()["expert_order"] == order
     assert not [r for r in records(off) if r.get("event") == "sync"]
     got, want = dict(train_losses(on)), dict(train_losses(off))
     assert got.keys() == want.keys() == set(range(1, steps + 1))
+    for step, loss in want.items():
+        assert abs(got[step] - loss) <= 1e-5 * abs(loss), step
+
+
+@pytest.mark.slow
+def test_training_rechooses_the_microbatch_count_and_resumes_with_it(tmp_path):
+    """With rechoose_microbatches, while the pools' measured times differ by more than 5%: at
+    step 2 the loop explores the other count the CPU backend runs (1); at step 4, with both
+    measured, it keeps the one with the smaller predicted step time, which the checkpoint of
+    step 4 holds and the resumed run measures step 6 with. Without int8 traffic the losses stay
+    within float rounding (relative 1e-5) of the run without the loop."""
+    on, off = tmp_path / "on", tmp_path / "off"
+    extra = (
+        "training.dtype=float32",
+        "checkpoint.interval_steps=4",
+        "ma_separation.synchronization.communication_compression=none",
+    )
+    assert train.main([*train_argv(off, 6, *extra, strategy="ma"), "--no-checkpoint"]) == 0
+    loop = (
+        "ma_separation.synchronization.sync_interval=2",
+        "ma_separation.synchronization.rechoose_microbatches=true",
+    )
+    assert train.main(train_argv(on, 4, *extra, *loop, strategy="ma")) == 0
+    assert train.main(train_argv(on, 6, *extra, *loop, strategy="ma")) == 0
+
+    synced = [r for r in records(on) if r.get("event") == "sync"]
+    assert [r["step"] for r in synced] == [2, 4, 6]
+    first, second, third = synced
+    for record in synced:
+        assert record["samples"] == 2 * 4 * record["microbatches_before"] * (1 + 4)
+    assert first["microbatches_before"] == 2
+    if first["pool_imbalance"] > 0.05:
+        assert first["microbatches_decided_by"] == "explore" and first["microbatches"] == 1
+        assert first["predicted_step_seconds"] is None
+    else:
+        assert first["microbatches"] == 2 and first["microbatches_decided_by"] is None
+    assert second["microbatches_before"] == first["microbatches"]
+    if first["microbatches"] == 1 and second["pool_imbalance"] > 0.05:
+        predicted = second["predicted_step_seconds"]
+        assert second["microbatches_decided_by"] == second["decided_by"]
+        assert sorted(predicted) == ["1", "2"]
+        assert second["microbatches"] == int(min(predicted, key=predicted.get))
+    # The resumed run measured step 6 with the count in use after step 4 (from the checkpoint).
+    assert third["microbatches_before"] == second["microbatches"]
+    got, want = dict(train_losses(on)), dict(train_losses(off))
+    assert got.keys() == want.keys() == set(range(1, 7))
     for step, loss in want.items():
         assert abs(got[step] - loss) <= 1e-5 * abs(loss), step
 
@@ -309,3 +361,90 @@ def test_the_balancer_evens_a_skewed_router_without_changing_the_step():
         loop.note_step(np.asarray(metrics["expert_fraction_by_layer"]))
     measured = device_imbalance(loop.interval_loads())
     assert np.all(measured < skewed / 2), (measured, skewed)
+
+
+def test_microbatch_count_is_explored_then_chosen_by_the_predicted_step_time():
+    """With stage times that follow a known law, exactly fitted by the linear model: no change
+    while the pools are within the threshold; a neighbouring count without measurements is
+    explored first; once both are measured, the count with the smaller step time (per layer,
+    attention against the slowest expert device, overlapped as the ping-pong schedule says) is
+    chosen: more micro-batches when the stage times are all per token, fewer when each
+    micro-batch has a large fixed cost. (On the CPU backend the neighbours of 2 are 1 only:
+    `CPU_MAX_MA_MICROBATCHES`.)"""
+    from maxjax.config import load_config
+    from maxjax.parallel.ma import MARunner
+    from maxjax.sync.loop import SyncLoop
+    from maxjax.sync.predictor import fit_linear
+
+    cfg = load_config("tiny")  # 8 sequences of 128 tokens, 2 micro-batches, 12 + 4 devices
+    layers, devices = cfg.model.layers, len(cfg.expert_devices)
+    shares = np.tile([0.4, 0.2, 0.2, 0.2], (layers, 1))  # device 0 the slowest in every layer
+
+    def law(overhead: float):
+        def seconds(expert: int, backward: int, tokens: float) -> float:
+            return overhead * (1 + backward) + 1e-5 * tokens
+
+        return seconds
+
+    def samples(loop: SyncLoop, microbatches: int, seconds) -> measure.StageSamples:
+        fixed = loop._shape(microbatches)
+        per_share = fixed.pop("assignments_per_share")
+        attention_tokens = fixed["microbatch_sequences"] * fixed["sequence_length"] / 12
+        rows, times, device = [], [], []
+        for backward in (0, 1):
+            rows.append(
+                measure.feature_rows([attention_tokens], expert_stage=0, backward=backward, **fixed)
+            )
+            times.append([seconds(0, backward, attention_tokens)])
+            device.append([-1])
+            tokens = shares[0] * per_share
+            rows.append(measure.feature_rows(tokens, expert_stage=1, backward=backward, **fixed))
+            times.append([seconds(1, backward, t) for t in tokens])
+            device.append(list(range(devices)))
+        n = sum(len(t) for t in times)
+        return measure.StageSamples(
+            np.concatenate(rows),
+            np.concatenate(times),
+            np.zeros(n, np.int32),
+            np.concatenate(device),
+        )
+
+    def expected_step(microbatches: int, seconds) -> float:
+        sequences = cfg.sequence.batch_size // microbatches
+        tokens = sequences * cfg.sequence.length
+        attention = sum(seconds(0, b, tokens / 12) for b in (0, 1))
+        expert = sum(seconds(1, b, 0.4 * tokens * cfg.moe.top_k) for b in (0, 1))
+        return layers * balancer.pingpong_layer_time(
+            microbatches * attention, microbatches * expert, microbatches
+        )
+
+    assert jax.default_backend() == "cpu"
+    for overhead, best in ((0.0, 2), (0.05, 1)):
+        seconds = law(overhead)
+        loop = SyncLoop(cfg, MARunner(cfg))
+        loop.window = [samples(loop, 2, seconds)]
+        loop.linear = fit_linear(loop.window[0].features, loop.window[0].times[:, None])
+
+        kept = loop.rechoose_microbatches("linear", shares, pool_imbalance=0.05)
+        assert kept["microbatches"] == 2 and kept["microbatches_decided_by"] is None
+
+        explored = loop.rechoose_microbatches("linear", shares, pool_imbalance=0.5)
+        assert explored == {
+            "microbatches_before": 2,
+            "microbatches_decided_by": "explore",
+            "microbatches": 1,
+            "predicted_step_seconds": None,
+        }
+        assert loop.runner.microbatches == 1
+
+        loop.window.append(samples(loop, 1, seconds))
+        features = np.concatenate([w.features for w in loop.window])
+        loop.linear = fit_linear(features, np.concatenate([w.times for w in loop.window])[:, None])
+        chosen = loop.rechoose_microbatches("linear", shares, pool_imbalance=0.5)
+        # The one neighbour of 1 is 2, measured: no more exploring; 1 and 2 are compared.
+        assert chosen["microbatches_decided_by"] == "linear"
+        predicted = chosen["predicted_step_seconds"]
+        assert sorted(predicted) == ["1", "2"]
+        for m in (1, 2):
+            assert predicted[str(m)] == pytest.approx(expected_step(m, seconds), rel=1e-6)
+        assert chosen["microbatches"] == loop.runner.microbatches == best

@@ -19,13 +19,24 @@ training step under the profiler (`SyncLoop.measuring`), and `SyncLoop.observe` 
    devices. At the first sync point no model has been scored yet and the loads decide
    (`decided_by: "loads"`). The placement changes what runs where, never what is computed
    (`tests/test_sync_loop.py` compares the losses with and without the loop);
-5. returns the sync record for metrics.jsonl: the measured imbalance of the stage times between
+5. with `ma_separation.synchronization.rechoose_microbatches` (off by default: see the key's
+   meaning), re-chooses the micro-batch count (`SyncLoop.rechoose_microbatches`) when the
+   measured stage times of the two pools differ by more than the threshold: to double or half the
+   count in use where the models have no measurement of it yet (`"explore"`: the next sync
+   point measures it and the models learn how the stage times scale with the micro-batch
+   size), otherwise to the measured count with the smallest predicted step time
+   (`SyncLoop.step_time`: attention against the slowest expert device per layer, overlapped as
+   `balancer.pingpong_layer_time` says). The count is saved with each checkpoint and restored
+   on resume; the step computes the same function, up to the order in which micro-batches'
+   losses and gradients are summed;
+6. returns the sync record for metrics.jsonl: the measured imbalance of the stage times between
    the expert devices and between the pools, the load imbalance before and (predicted) after
    the re-placement per layer, what moved, and the placement in use after it. The next
    record gives the load imbalance measured over the interval that followed
    (`previous_load_imbalance_after`).
 
-The micro-batch count stays as configured (`microbatches` in the record is the one in use).
+`microbatches` in the record is the count in use from the next step on,
+`microbatches_before` the one the measured step ran with.
 With `ma_separation.expert_compute: filled_slots` an expert device computes only the slots that
 hold tokens, so its time follows the load the placement evens; with `capacity` it computes
 every slot whatever the routing, and a placement evens the loads, not the times.
@@ -80,6 +91,7 @@ class SyncLoop:
         self._key = jax.random.key(cfg.training.seed)
         self._trace_dir: str | None = None
         self.threshold = cfg.ma_separation.synchronization.load_balancing_threshold
+        self.rechoose = cfg.ma_separation.synchronization.rechoose_microbatches
         self._load_sum: np.ndarray | None = None
         self._load_steps = 0
         self._last: dict[str, Any] | None = None  # step and predicted imbalance of the last act
@@ -190,11 +202,13 @@ class SyncLoop:
             assignments=assignments,
         )
 
-    def _shape(self) -> dict[str, Any]:
+    def _shape(self, microbatches: int | None = None) -> dict[str, Any]:
         """The step's features other than the tokens (`measure.FEATURES`, as the time models see
-        them), and `assignments_per_share`: routed assignments per micro-batch for a share of 1."""
+        them), and `assignments_per_share`: routed assignments per micro-batch for a share of 1;
+        with `microbatches` micro-batches (default: the count in use)."""
         cfg, runner = self.cfg, self.runner
-        sequences = cfg.sequence.batch_size // (runner.microbatches * runner.accumulation)
+        microbatches = microbatches or runner.microbatches
+        sequences = cfg.sequence.batch_size // (microbatches * runner.accumulation)
         return {
             "microbatch_sequences": sequences,
             "sequence_length": cfg.sequence.length,
@@ -204,33 +218,117 @@ class SyncLoop:
             "assignments_per_share": sequences * cfg.sequence.length * cfg.moe.top_k,
         }
 
-    def device_time(self, model: str) -> Callable[[np.ndarray], np.ndarray]:
+    def _predicted(self, model: str, features: np.ndarray) -> np.ndarray:
+        """Stage times [N] of feature rows [N, len(FEATURES)] by the fitted model `model`."""
+        if model == "predictor":
+            return np.asarray(predict(self.predictor, jnp.asarray(features, jnp.float32)))[:, 0]
+        return predict_linear(self.linear, features)[:, 0]
+
+    def device_time(
+        self, model: str, microbatches: int | None = None
+    ) -> Callable[[np.ndarray], np.ndarray]:
         """Predicted expert-stage time (forward plus backward) of each expert device per
         micro-batch, as a function of the devices' shares of the routed assignments [N, J], by
-        the fitted time model `model` ("predictor" or "linear")."""
-        fixed = self._shape()
+        the fitted time model `model` ("predictor" or "linear"), with `microbatches`
+        micro-batches per step (default: the count in use)."""
+        fixed = self._shape(microbatches)
         per_share = fixed.pop("assignments_per_share")
-
-        def predicted(features: np.ndarray) -> np.ndarray:
-            if model == "predictor":
-                return np.asarray(predict(self.predictor, jnp.asarray(features, jnp.float32)))
-            return predict_linear(self.linear, features)
 
         def times(shares: np.ndarray) -> np.ndarray:
             tokens = np.asarray(shares, np.float64) * per_share
             return sum(
-                predicted(measure.feature_rows(tokens, expert_stage=1, backward=b, **fixed))[
-                    :, 0
-                ].reshape(tokens.shape)
+                self._predicted(
+                    model, measure.feature_rows(tokens, expert_stage=1, backward=b, **fixed)
+                ).reshape(tokens.shape)
                 for b in (0, 1)
             )
 
         return times
 
+    def step_time(self, model: str, microbatches: int, shares: np.ndarray) -> float:
+        """Predicted time of a step's two sweeps with `microbatches` micro-batches: per layer,
+        the attention stage against the slowest expert device (`shares` [L, J]: their shares of
+        the routed assignments), each forward plus backward by the time model `model`, overlapped
+        as `balancer.pingpong_layer_time` says."""
+        fixed = self._shape(microbatches)
+        fixed.pop("assignments_per_share")
+        tokens = fixed["microbatch_sequences"] * fixed["sequence_length"]
+        per_device = tokens / len(self.runner.attention_devices)
+        attention = sum(
+            self._predicted(
+                model, measure.feature_rows([per_device], expert_stage=0, backward=b, **fixed)
+            )[0]
+            for b in (0, 1)
+        )
+        experts = self.device_time(model, microbatches)(shares).max(axis=1)
+        return float(
+            sum(
+                balancer.pingpong_layer_time(
+                    microbatches * attention, microbatches * e, microbatches
+                )
+                for e in experts
+            )
+        )
+
+    def microbatch_neighbours(self) -> list[int]:
+        """The counts a sync point may move the micro-batches to: double and half the count in
+        use, where the batch splits into them (in each gradient-accumulation round) and the
+        backend runs them (at most `CPU_MAX_MA_MICROBATCHES` on CPU)."""
+        from maxjax.parallel import CPU_MAX_MA_MICROBATCHES
+
+        m, rounds = self.runner.microbatches, self.runner.accumulation
+        limit = CPU_MAX_MA_MICROBATCHES if jax.default_backend() == "cpu" else None
+        return [
+            c
+            for c in (2 * m, m // 2)
+            if c >= 1
+            and self.cfg.sequence.batch_size % (c * rounds) == 0
+            and (limit is None or c <= limit)
+        ]
+
+    def _measured_microbatches(self) -> set[int]:
+        """The micro-batch counts of the steps the models are fitted on."""
+        column = measure.FEATURES.index("microbatch_sequences")
+        per_round = self.cfg.sequence.batch_size // self.runner.accumulation
+        return {
+            per_round // int(round(sequences))
+            for samples in self.window
+            for sequences in np.unique(samples.features[:, column])
+        }
+
+    def rechoose_microbatches(
+        self, model: str, shares: np.ndarray, pool_imbalance: float
+    ) -> dict[str, Any]:
+        """Step 5 of the module docstring: when the measured pool imbalance is above the
+        threshold, move to a neighbouring micro-batch count the models have no measurement of
+        yet ("explore": the next sync point measures it), or else to the count, among those
+        measured, with the smallest predicted step time (`step_time`, by `model`). Returns the
+        record's micro-batch keys."""
+        runner = self.runner
+        before = runner.microbatches
+        keys = {"microbatches_before": before, "microbatches_decided_by": None}
+        predicted: dict[int, float] = {}
+        if pool_imbalance > self.threshold:
+            measured = self._measured_microbatches()
+            unexplored = [c for c in self.microbatch_neighbours() if c not in measured]
+            if unexplored:
+                runner.set_microbatches(unexplored[0])
+                keys["microbatches_decided_by"] = "explore"
+            else:
+                candidates = measured & {before, *self.microbatch_neighbours()}
+                predicted = {c: self.step_time(model, c, shares) for c in sorted(candidates)}
+                runner.set_microbatches(min(predicted, key=predicted.__getitem__))
+                keys["microbatches_decided_by"] = model
+        return {
+            **keys,
+            "microbatches": runner.microbatches,
+            "predicted_step_seconds": {str(c): t for c, t in predicted.items()} or None,
+        }
+
     def observe(
         self, step: int, expert_fraction_by_layer: np.ndarray, state: Any
     ) -> tuple[Any, dict[str, Any]]:
-        """Steps 1-5 of the module docstring for the step just measured (its shares already
+        """Steps 1-6 of the module docstring for the step just measured (its shares already
         noted): (the state, re-placed where the balancer acted, and the sync record)."""
         start = time.perf_counter()
         new = self.samples(expert_fraction_by_layer)
@@ -249,7 +347,9 @@ class SyncLoop:
         scores: dict[str, Any] = {"predictor_mape": None, "linear_mape": None, "decided_by": None}
         if self.predictor is not None:
             scores = held_out_scores(self.predictor, self.linear, new.features, new.times[:, None])
-        state, placement = self.act(state, step, scores.pop("decided_by"))
+        decided_by = scores.pop("decided_by")
+        loads = self.interval_loads()
+        state, placement = self.act(state, step, decided_by)
         self.window = [*self.window[-(WINDOW - 1) :], new]
         features = np.concatenate([s.features for s in self.window])
         times = np.concatenate([s.times for s in self.window])[:, None]
@@ -267,18 +367,21 @@ class SyncLoop:
         devices = len(self.expert_devices)
         measured = measure.measured_imbalance(new, devices)
         experts = new.device >= 0
+        attention_seconds = float(new.times[~experts].mean())
+        expert_seconds = [float(new.times[new.device == j].mean()) for j in range(devices)]
+        shares = balancer.device_load_rows(loads, self.runner.experts.order, devices)
+        pools = measured["pools"] if self.rechoose else 0.0
+        microbatches = self.rechoose_microbatches(decided_by or "linear", shares, pools)
         return state, {
             "event": "sync",
             "step": step,
             "imbalance_before": measured["experts"],
             "pool_imbalance": measured["pools"],
-            "attention_stage_seconds": float(new.times[~experts].mean()),
-            "expert_stage_seconds": [
-                float(new.times[new.device == j].mean()) for j in range(devices)
-            ],
+            "attention_stage_seconds": attention_seconds,
+            "expert_stage_seconds": expert_seconds,
             "samples": len(new.times),
             **scores,
             **placement,
-            "microbatches": self.runner.microbatches,
+            **microbatches,
             "seconds": time.perf_counter() - start,
         }

@@ -175,6 +175,18 @@ class MARunner(Runner):
         self.experts = self.layout.experts
         self._placed_order = {}
 
+    def set_microbatches(self, microbatches: int) -> None:
+        """Cut each step's batch (each round's, with gradient accumulation) into `microbatches`
+        micro-batches from now on (the sync loop re-chooses the count). Only the schedule changes:
+        the step computes the same function, up to the order in which the micro-batches' losses
+        and gradients are summed."""
+        if microbatches < 1 or self.cfg.sequence.batch_size % (microbatches * self.accumulation):
+            raise ValueError(
+                f"{microbatches} micro-batches: a batch of {self.cfg.sequence.batch_size} "
+                f"sequences must split into them in each of {self.accumulation} rounds"
+            )
+        self.microbatches = microbatches
+
     def layout_report(self, params: Params) -> LayoutReport:
         """Bytes and arrays per device, and each layer's experts on each expert device."""
         report = super().layout_report(params)
