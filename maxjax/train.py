@@ -13,9 +13,9 @@ cosine). Every step appends one JSON line to DIR/metrics.jsonl; every
 training.validation_interval steps (and at the end) the validation loss and perplexity too.
 Every checkpoint.interval_steps (and at the end) a checkpoint is written in the background.
 With "ma", every ma_separation.synchronization.sync_interval steps that step is measured, a
-sync record follows its line, the experts of layers out of balance are re-placed and the
-micro-batch count re-chosen (`maxjax.sync.loop`); both are saved with each checkpoint and
-restored on resume.
+sync record follows its line, the experts of layers out of balance are re-placed and, with
+rechoose_microbatches, the micro-batch count re-chosen (`maxjax.sync.loop`); both are saved with
+each checkpoint and restored on resume.
 
 Running the same command again continues from the newest complete checkpoint with the same data
 order and dropout keys, so its losses equal those of a run that never stopped; metrics.jsonl
@@ -70,7 +70,14 @@ from maxjax.evaluate import (
     validation_loss,
 )
 from maxjax.optim import learning_rate_schedule, make_optimizer
-from maxjax.parallel import Runner, TrainState, check_backend, check_strategy, make_runner
+from maxjax.parallel import (
+    CPU_MAX_MA_MICROBATCHES,
+    Runner,
+    TrainState,
+    check_backend,
+    check_strategy,
+    make_runner,
+)
 from maxjax.parallel.ma.failover import FailoverError, initial_experts
 from maxjax.parallel.mesh import fetch
 from maxjax.sync.loop import SyncLoop
@@ -400,8 +407,14 @@ def train(
             and sync_interval_on(cfg, strategy)
             and chosen != runner.microbatches
         ):
-            runner.set_microbatches(chosen)
-            _note(f"{chosen} micro-batches per step, as the sync loop last chose")
+            if jax.default_backend() == "cpu" and chosen > CPU_MAX_MA_MICROBATCHES:
+                _note(
+                    f"the sync loop last chose {chosen} micro-batches, more than the CPU backend "
+                    f"runs; going on with {runner.microbatches}"
+                )
+            else:
+                runner.set_microbatches(chosen)
+                _note(f"{chosen} micro-batches per step, as the sync loop last chose")
         _note(f"resumed from the checkpoint of step {start} in {directory}")
     else:
         state = runner.init_train_state(runner.init(cfg.training.seed), tx)

@@ -29,8 +29,8 @@ from maxjax.parallel.single import SingleRunner
 STRATEGIES = ("single", "ma", "tp", "pp", "tp_pp")
 
 # More MA micro-batches than this stalled training on XLA's CPU client (the tiny config with 4
-# and with 8 did, within three steps); likely because a device's part of a program waiting in a collective holds a thread of
-# a shared pool (README, "a known limit of the CPU backend").
+# and with 8 did, within three steps); likely because a device's part of a program waiting in a
+# collective holds a thread of a shared pool (README, "a known limit of the CPU backend").
 CPU_MAX_MA_MICROBATCHES = 2
 
 
