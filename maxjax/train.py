@@ -71,12 +71,12 @@ from maxjax.evaluate import (
 )
 from maxjax.optim import learning_rate_schedule, make_optimizer
 from maxjax.parallel import (
-    CPU_MAX_MA_MICROBATCHES,
     Runner,
     TrainState,
     check_backend,
     check_strategy,
     make_runner,
+    max_ma_microbatches,
 )
 from maxjax.parallel.ma.failover import FailoverError, initial_experts
 from maxjax.parallel.mesh import fetch
@@ -407,7 +407,8 @@ def train(
             and sync_interval_on(cfg, strategy)
             and chosen != runner.microbatches
         ):
-            if jax.default_backend() == "cpu" and chosen > CPU_MAX_MA_MICROBATCHES:
+            limit = max_ma_microbatches()
+            if limit is not None and chosen > limit:
                 _note(
                     f"the sync loop last chose {chosen} micro-batches, more than the CPU backend "
                     f"runs; going on with {runner.microbatches}"

@@ -216,9 +216,9 @@ for r in scored:
 
 # %% [markdown]
 # With `rechoose_microbatches` on, the same sync points re-choose the micro-batch count while
-# the pools' measured times differ by more than the threshold: first to a neighbouring count (double or half) that no
-# measurement covers yet (`explore`: the next sync point measures it), then, with two counts
-# measured, to the one whose predicted step time (`predicted_step_seconds`: per layer the
+# the pools' measured times differ by more than the threshold: first to a neighbouring count
+# (double or half) that no measurement covers yet (`explore`: the next sync point measures it),
+# then, with two counts measured, to the one whose predicted step time (`predicted_step_seconds`: per layer the
 # attention stage against the slowest expert device, overlapped as the ping-pong schedule
 # overlaps them) is smaller. On two shared CPU cores the emulated devices do not run in
 # parallel, so the overlap the schedule assumes is not what the measured times show here.

@@ -57,6 +57,5 @@ def _free_memory_after_each_test():
 def _free_device_memory_after_each_file():
     """Drop compiled programs and dead arrays between files, so a worker's memory stays flat."""
     yield
-    gc.collect()
     jax.clear_caches()
     _return_freed_memory()

@@ -376,7 +376,8 @@ def test_microbatch_count_is_explored_then_chosen_by_the_predicted_step_time():
     from maxjax.sync.loop import SyncLoop
     from maxjax.sync.predictor import fit_linear
 
-    cfg = load_config("tiny")  # 8 sequences of 128 tokens, 2 micro-batches, 12 + 4 devices
+    # 8 sequences of 128 tokens, 2 micro-batches, 12 + 4 devices
+    cfg = load_config("tiny", ["ma_separation.synchronization.rechoose_microbatches=true"])
     layers, devices = cfg.model.layers, len(cfg.expert_devices)
     shares = np.tile([0.4, 0.2, 0.2, 0.2], (layers, 1))  # device 0 the slowest in every layer
 

@@ -34,14 +34,20 @@ STRATEGIES = ("single", "ma", "tp", "pp", "tp_pp")
 CPU_MAX_MA_MICROBATCHES = 2
 
 
-def check_backend(cfg: Config, strategy: str) -> None:
-    """Raise DeviceError where `cfg` is known not to train on this process's backend: `ma` with
-    more than `CPU_MAX_MA_MICROBATCHES` micro-batches on the CPU backend (where a run stalls in
-    XLA's collectives and is ended after its 40 s timeout)."""
+def max_ma_microbatches() -> int | None:
+    """The most MA micro-batches this process's backend trains with: `CPU_MAX_MA_MICROBATCHES`
+    on CPU, None (no known limit) elsewhere."""
     import jax
 
-    micro = cfg.ma_separation.microbatches
-    if strategy == "ma" and jax.default_backend() == "cpu" and micro > CPU_MAX_MA_MICROBATCHES:
+    return CPU_MAX_MA_MICROBATCHES if jax.default_backend() == "cpu" else None
+
+
+def check_backend(cfg: Config, strategy: str) -> None:
+    """Raise DeviceError where `cfg` is known not to train on this process's backend: `ma` with
+    more than `max_ma_microbatches()` micro-batches (on the CPU backend, where a run stalls in
+    XLA's collectives and is ended after its 40 s timeout)."""
+    micro, limit = cfg.ma_separation.microbatches, max_ma_microbatches()
+    if strategy == "ma" and limit is not None and micro > limit:
         raise DeviceError(
             f"ma_separation.microbatches = {micro}: on the CPU backend MA training with more than "
             f"{CPU_MAX_MA_MICROBATCHES} micro-batches stalls in XLA's CPU collectives (see the "
@@ -155,6 +161,7 @@ __all__ = [
     "STRATEGIES",
     "canonical_from_storage",
     "check_backend",
+    "max_ma_microbatches",
     "check_strategy",
     "DeviceError",
     "LayoutReport",

@@ -273,11 +273,11 @@ class SyncLoop:
     def microbatch_neighbours(self) -> list[int]:
         """The counts a sync point may move the micro-batches to: double and half the count in
         use, where the batch splits into them (in each gradient-accumulation round) and the
-        backend runs them (at most `CPU_MAX_MA_MICROBATCHES` on CPU)."""
-        from maxjax.parallel import CPU_MAX_MA_MICROBATCHES
+        backend runs them (`maxjax.parallel.max_ma_microbatches`)."""
+        from maxjax.parallel import max_ma_microbatches
 
         m, rounds = self.runner.microbatches, self.runner.accumulation
-        limit = CPU_MAX_MA_MICROBATCHES if jax.default_backend() == "cpu" else None
+        limit = max_ma_microbatches()
         return [
             c
             for c in (2 * m, m // 2)
@@ -299,8 +299,8 @@ class SyncLoop:
     def rechoose_microbatches(
         self, model: str, shares: np.ndarray, pool_imbalance: float
     ) -> dict[str, Any]:
-        """Step 5 of the module docstring: when the measured pool imbalance is above the
-        threshold, move to a neighbouring micro-batch count the models have no measurement of
+        """Step 5 of the module docstring: with `rechoose_microbatches` on and the measured pool
+        imbalance above the threshold, move to a neighbouring micro-batch count the models have no measurement of
         yet ("explore": the next sync point measures it), or else to the count, among those
         measured, with the smallest predicted step time (`step_time`, by `model`). Returns the
         record's micro-batch keys."""
@@ -308,14 +308,14 @@ class SyncLoop:
         before = runner.microbatches
         keys = {"microbatches_before": before, "microbatches_decided_by": None}
         predicted: dict[int, float] = {}
-        if pool_imbalance > self.threshold:
-            measured = self._measured_microbatches()
-            unexplored = [c for c in self.microbatch_neighbours() if c not in measured]
+        if self.rechoose and pool_imbalance > self.threshold:
+            measured, neighbours = self._measured_microbatches(), self.microbatch_neighbours()
+            unexplored = [c for c in neighbours if c not in measured]
             if unexplored:
                 runner.set_microbatches(unexplored[0])
                 keys["microbatches_decided_by"] = "explore"
             else:
-                candidates = measured & {before, *self.microbatch_neighbours()}
+                candidates = measured & {before, *neighbours}
                 predicted = {c: self.step_time(model, c, shares) for c in sorted(candidates)}
                 runner.set_microbatches(min(predicted, key=predicted.__getitem__))
                 keys["microbatches_decided_by"] = model
@@ -367,18 +367,17 @@ class SyncLoop:
         devices = len(self.expert_devices)
         measured = measure.measured_imbalance(new, devices)
         experts = new.device >= 0
-        attention_seconds = float(new.times[~experts].mean())
-        expert_seconds = [float(new.times[new.device == j].mean()) for j in range(devices)]
         shares = balancer.device_load_rows(loads, self.runner.experts.order, devices)
-        pools = measured["pools"] if self.rechoose else 0.0
-        microbatches = self.rechoose_microbatches(decided_by or "linear", shares, pools)
+        microbatches = self.rechoose_microbatches(decided_by or "linear", shares, measured["pools"])
         return state, {
             "event": "sync",
             "step": step,
             "imbalance_before": measured["experts"],
             "pool_imbalance": measured["pools"],
-            "attention_stage_seconds": attention_seconds,
-            "expert_stage_seconds": expert_seconds,
+            "attention_stage_seconds": float(new.times[~experts].mean()),
+            "expert_stage_seconds": [
+                float(new.times[new.device == j].mean()) for j in range(devices)
+            ],
             "samples": len(new.times),
             **scores,
             **placement,
