@@ -16,7 +16,7 @@ from maxjax import compression, model, optim
 from maxjax.config import with_overrides
 from maxjax.model import ops
 from maxjax.parallel import DeviceError, make_runner
-from maxjax.parallel.ma import MARunner, TokenSplit, pool_bytes_per_stage
+from maxjax.parallel.ma import MARunner, StageTimer, TokenSplit, pool_bytes_per_stage
 from maxjax.parallel.runner import tree_paths
 
 BATCH, SEQ = 4, 16
@@ -389,6 +389,26 @@ def test_bytes_cross_once_each_way(ma_runners, tiny_cfg, tokens, compression):
     assert per_stage > 0
     assert moved["within_attention_pool"] == 2 * 2 * (layers + 1) * per_stage
     assert runner.transfer_bytes(batch, seq)["attention_to_experts"] == wire
+
+
+def test_stage_timer_times_every_program_and_crossing_and_changes_nothing(ma_runners, tokens):
+    """`MARunner.stage_timer` (`bench ma-step --breakdown`) runs each program and crossing alone
+    and names it; the step computes the same, bit for bit, and the timer is off again after."""
+    runner, params = ma_runners(2, "8-bit quantization")
+    want_metrics, want_grads = runner.value_and_grad(params, tokens)
+    programs = runner.programs_dispatched
+    runner.stage_timer = timer = StageTimer()
+    got_metrics, got_grads = runner.value_and_grad(params, tokens)
+    runner.stage_timer = None
+    layers, microbatches = runner.cfg.model.layers, 2
+    crossings = layers * microbatches * 2  # forward and backward sweeps
+    assert timer.calls["to_experts"] == timer.calls["to_attention"] == crossings
+    assert sum(timer.calls.values()) == programs + 2 * crossings
+    assert {"first_vjp", "middle_vjp", "experts_vjp", "head_step"} <= set(timer.calls)
+    assert all(seconds > 0 for seconds in timer.seconds.values())
+    assert float(got_metrics["loss"]) == float(want_metrics["loss"])
+    for got, want in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_bfloat16_equals_single_at_bfloat16(tiny_cfg, tokens):

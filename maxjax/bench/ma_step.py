@@ -1,7 +1,7 @@
 """MA separation vs the single-device reference: step time, bytes between the pools, programs.
 
 `python -m maxjax.bench ma-step [--config tiny] [--repeats N] [--skip-paper] [--trace DIR]
-[--microbatch-sweep] [--json PATH]`
+[--microbatch-sweep] [--breakdown] [--json PATH]`
 
 On 16 emulated CPU devices (set up here before JAX starts), for the tiny config:
 
@@ -23,6 +23,9 @@ On 16 emulated CPU devices (set up here before JAX starts), for the tiny config:
   is unchanged, the load is skewed), each with ``ma_separation.expert_compute`` 'filled_slots'
   (a device's work should follow its assignments) and 'capacity' (every slot computed). The
   bytes a device receives do not follow its load (buffers have static shapes);
+- with ``--breakdown``: where the MA step's work goes: each stage program and crossing run
+  alone (`StageTimer`: the driver waits after each, so nothing overlaps), its wall time per
+  step summed by program, beside the single-device step;
 - with ``--trace DIR``: a profiler trace of ``--repeats`` steps of "ma" with 1, 2 and 4
   micro-batches, and from it each pool's busy time and the fraction of the expert pool's busy time
   during which the attention pool is busy too (`maxjax.bench.trace`). On CPU all 16 emulated
@@ -81,6 +84,11 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         "--microbatch-sweep",
         action="store_true",
         help="also time MA against single with 1, 2 and 4 micro-batches",
+    )
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="time each MA stage program and crossing alone (serialised), per step",
     )
     parser.add_argument("--json", default=None, help="write the figures to this file")
     return parser.parse_args(argv)
@@ -220,6 +228,38 @@ def measure_steps(args: argparse.Namespace) -> dict[str, Any]:
         "bytes_per_layer": bytes_by_setting,
         "replication_factor": ma.replicas,
         "standby_bytes_per_attention_device": ma.standby_bytes(),
+    }
+
+
+def stage_breakdown(args: argparse.Namespace) -> dict[str, Any]:
+    """Per step, the wall time of each MA stage program (by name) and crossing, each run alone
+    (`StageTimer`), over ``--repeats`` steps after ``--warmup``; and the single-device step
+    (one program) timed the same way."""
+    import jax
+
+    from maxjax.parallel.ma import MARunner, StageTimer
+
+    cfg, tokens, canonical, single, single_params, key = _setup(args)
+    ma = MARunner(cfg)
+    ma_params = ma.from_canonical(canonical)
+    for _ in range(args.warmup):
+        jax.block_until_ready(ma.value_and_grad(ma_params, tokens, key))
+        jax.block_until_ready(single.value_and_grad(single_params, tokens, key))
+    ma.stage_timer = timer = StageTimer()
+    single_seconds = 0.0
+    for _ in range(args.repeats):
+        ma.value_and_grad(ma_params, tokens, key)
+        start = time.perf_counter()
+        jax.block_until_ready(single.value_and_grad(single_params, tokens, key))
+        single_seconds += time.perf_counter() - start
+    ma.stage_timer = None
+    per_step = {name: s / args.repeats for name, s in timer.seconds.items()}
+    return {
+        "steps": args.repeats,
+        "ma_seconds_per_step": dict(sorted(per_step.items(), key=lambda kv: -kv[1])),
+        "ma_calls_per_step": {name: n // args.repeats for name, n in timer.calls.items()},
+        "ma_serialised_total_s": sum(per_step.values()),
+        "single_seconds_per_step": single_seconds / args.repeats,
     }
 
 
@@ -466,6 +506,20 @@ def _report(result: dict[str, Any]) -> None:
                 f"    device {d:2d}: expert programs {t * 1e3:8.1f} ms, "
                 f"{a:8.0f} routed assignments (all layers), {b:,.0f} bytes received"
             )
+    breakdown = result.get("breakdown")
+    if breakdown:
+        total, single_s = breakdown["ma_serialised_total_s"], breakdown["single_seconds_per_step"]
+        print(
+            f"  where the ma step's work goes (each program and crossing run alone, per step, "
+            f"{breakdown['steps']} steps): {total * 1e3:.1f} ms in all, against single "
+            f"{single_s * 1e3:.1f} ms (one program)"
+        )
+        for name, seconds in breakdown["ma_seconds_per_step"].items():
+            calls = breakdown["ma_calls_per_step"][name]
+            print(
+                f"    {name:20s} {seconds * 1e3:8.1f} ms ({calls} calls, "
+                f"{seconds / max(calls, 1) * 1e3:.2f} ms each, {100 * seconds / total:4.1f}%)"
+            )
     for row in result.get("trace", []):
         what = (
             "control, two independent programs (one per pool)"
@@ -502,6 +556,8 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"steps": measure_steps(args)}
     if args.microbatch_sweep:
         result["microbatch_sweep"] = microbatch_sweep(args)
+    if args.breakdown:
+        result["breakdown"] = stage_breakdown(args)
     if args.load:
         result["load"] = expert_time_against_load(args)
     if args.trace:

@@ -108,7 +108,7 @@ from maxjax.parallel.ma.layout import (
     ParamLayout,
     TokenSplit,
 )
-from maxjax.parallel.ma.schedule import COUNTERS, MARunner, pool_bytes_per_stage
+from maxjax.parallel.ma.schedule import COUNTERS, MARunner, StageTimer, pool_bytes_per_stage
 from maxjax.parallel.ma.stages import StagePrograms, TokenState
 from maxjax.parallel.ma.transport import CollectivePieceTransport, PieceTransport
 
@@ -123,6 +123,7 @@ __all__ = [
     "ParamLayout",
     "PieceTransport",
     "StagePrograms",
+    "StageTimer",
     "TokenSplit",
     "TokenState",
     "pool_bytes_per_stage",

@@ -13,8 +13,10 @@ what the attention pool's collectives move inside it.
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
+import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -80,6 +82,27 @@ COUNTERS = (
 )
 
 
+class StageTimer:
+    """Where a step's work goes: while `MARunner.stage_timer` holds one, every stage program
+    and every crossing waits for its inputs, runs alone and adds its wall time under its name
+    (the program's name, `to_experts`, `to_attention`). This serialises the step (the driver
+    waits after each dispatch, nothing overlaps), so it is for measurement only
+    (`python -m maxjax.bench ma-step --breakdown`), never set in training."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = collections.defaultdict(float)
+        self.calls: dict[str, int] = collections.defaultdict(int)
+
+    def run(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
+        jax.block_until_ready([x for x in jax.tree.leaves(args) if isinstance(x, jax.Array)])
+        start = time.perf_counter()
+        out = fn(*args)
+        jax.block_until_ready([x for x in jax.tree.leaves(out) if isinstance(x, jax.Array)])
+        self.seconds[name] += time.perf_counter() - start
+        self.calls[name] += 1
+        return out
+
+
 # Within one process pieces move by `jax.device_put`; across processes always by the exchange
 # programs (`CollectivePieceTransport`).
 TRANSPORTS = {"device_put": PieceTransport, "collective": CollectivePieceTransport}
@@ -101,6 +124,8 @@ class MARunner(Runner):
         # Called (no arguments) by `value_and_grad` between the forward and the backward sweep,
         # when every stage's saved residuals are alive: a place to measure memory. None: nothing.
         self.between_sweeps: Callable[[], None] | None = None
+        # Serialises and times every program and crossing (`StageTimer`). None: nothing.
+        self.stage_timer: StageTimer | None = None
         self._build(cfg)
 
     def _build(self, cfg: Config) -> None:
@@ -487,15 +512,25 @@ class MARunner(Runner):
 
     def _run(self, program: Any, *args: Any) -> Any:
         self.programs_dispatched += 1
+        if self.stage_timer is not None:
+            return self.stage_timer.run(getattr(program, "__name__", "program"), program, *args)
         return program(*args)
 
+    def _move(self, name: str, move: Callable[..., Any], *args: Any) -> Any:
+        if self.stage_timer is not None:
+            return self.stage_timer.run(name, move, *args)
+        return move(*args)
+
     def _to_experts(self, pieces: tuple, split: TokenSplit, counter: str) -> tuple:
-        inputs, crossed = self.transport.to_experts(pieces, split)
+        inputs, crossed = self._move("to_experts", self.transport.to_experts, pieces, split)
         self.bytes_moved[counter] += crossed
         return inputs
 
     def _to_attention(self, outputs: tuple, split: TokenSplit, counter: str) -> tuple:
-        pieces, crossed = self.transport.to_attention(outputs, split, self.programs(split).mesh)
+        mesh = self.programs(split).mesh
+        pieces, crossed = self._move(
+            "to_attention", self.transport.to_attention, outputs, split, mesh
+        )
         self.bytes_moved[counter] += crossed
         return pieces
 
