@@ -16,7 +16,13 @@ from maxjax import compression, model, optim
 from maxjax.config import with_overrides
 from maxjax.model import ops
 from maxjax.parallel import DeviceError, make_runner
-from maxjax.parallel.ma import MARunner, StageTimer, TokenSplit, pool_bytes_per_stage
+from maxjax.parallel.ma import (
+    ExpertOrder,
+    MARunner,
+    StageTimer,
+    TokenSplit,
+    pool_bytes_per_stage,
+)
 from maxjax.parallel.runner import tree_paths
 
 BATCH, SEQ = 4, 16
@@ -322,6 +328,31 @@ def device_only():
         ArrayImpl._value = original
 
 
+@contextlib.contextmanager
+def never_waits():
+    """Record every wait for device work: `jax.block_until_ready` and `jax.device_get`, and a
+    `jax.Array`'s own `block_until_ready`."""
+    from jax._src.array import ArrayImpl
+
+    waits = []
+    saved = (jax.block_until_ready, jax.device_get, ArrayImpl.block_until_ready)
+
+    def watch(name, wait):
+        def watched(*args, **kwargs):
+            waits.append(name)
+            return wait(*args, **kwargs)
+
+        return watched
+
+    jax.block_until_ready = watch("jax.block_until_ready", saved[0])
+    jax.device_get = watch("jax.device_get", saved[1])
+    ArrayImpl.block_until_ready = watch("Array.block_until_ready", saved[2])
+    try:
+        yield waits
+    finally:
+        jax.block_until_ready, jax.device_get, ArrayImpl.block_until_ready = saved
+
+
 @pytest.mark.parametrize("compression", ["none", "8-bit quantization"])
 @pytest.mark.parametrize("microbatches", [1, 2, 4])
 def test_step_stays_on_devices(ma_runners, canonical, tiny_cfg, tokens, microbatches, compression):
@@ -338,14 +369,39 @@ def test_step_stays_on_devices(ma_runners, canonical, tiny_cfg, tokens, microbat
     for call in calls:
         jax.block_until_ready(call())  # compile outside the guard
     for call in calls:
-        with device_only() as host_copies:
+        with device_only() as host_copies, never_waits() as waits:
             out = call()
-        assert host_copies == []
+        assert host_copies == [] and waits == []
         jax.block_until_ready(out)
-    with device_only() as host_copies:
+    with device_only() as host_copies, never_waits() as waits:
         state, metrics = runner.train_step(state, tokens, tx, rng)
-    assert host_copies == []
+    assert host_copies == [] and waits == []
     assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
+
+
+def test_expert_mapping_names_each_device_whatever_the_key_order(tiny_cfg):
+    """The config's `expert_mapping` keys may come in any order: the experts reported for a
+    device are the ones its rows hold (rows follow `moe.devices`)."""
+    keys_out_of_order = (
+        "{gpu_13: [4, 5, 6, 7], gpu_12: [0, 1, 2, 3], gpu_15: [12, 13, 14, 15], "
+        "gpu_14: [8, 9, 10, 11]}"
+    )
+    cfg = with_overrides(tiny_cfg, [f"ma_separation.moe.expert_mapping={keys_out_of_order}"])
+    assert MARunner(cfg).expert_mapping(0) == {
+        "gpu_12": [0, 1, 2, 3],
+        "gpu_13": [4, 5, 6, 7],
+        "gpu_14": [8, 9, 10, 11],
+        "gpu_15": [12, 13, 14, 15],
+    }
+
+
+def test_source_rows_gather_each_expert_and_leave_empty_slots_empty():
+    old = ExpertOrder.of([[0, 1, 2, 3, 4, 5]])
+    new = ExpertOrder.of([[5, 0, -1, 3, 1, -1, 2, 4, -1]])
+    rows = new.source_rows(old, 0)
+    np.testing.assert_array_equal(rows, [5, 0, -1, 3, 1, -1, 2, 4, -1])
+    back = old.source_rows(new, 0)
+    np.testing.assert_array_equal(np.asarray(new.rows(0))[back], old.rows(0))
 
 
 def test_token_split_pieces_cover_every_pair_once():
@@ -383,11 +439,18 @@ def test_bytes_cross_once_each_way(ma_runners, tiny_cfg, tokens, compression):
     assert moved["attention_to_experts"] == layers * wire
     assert moved["experts_to_attention"] == moved["attention_to_experts"]
     assert moved["backward_to_experts"] == moved["backward_to_attention"] == layers * floats
+    # Inside the attention pool, read off the programs' HLO: the backward sweep adds the
+    # transposed collectives to the forward's, and the forward moves at least the all-gather
+    # before and the reduce-scatter after every layer's attention, for each micro-batch: on
+    # each of the 12 devices (G - 1) / G of the micro-batch's activations each way.
+    within = moved["within_attention_pool"]
+    runner.forward(params, tokens[:, :-1])
+    forward = runner.bytes_moved["within_attention_pool"]
     micro = batch // 2
-    split = runner.token_split(micro)
-    per_stage = pool_bytes_per_stage(split, micro, seq, cfg.model.hidden_dim, cfg.moe.top_k)
-    assert per_stage > 0
-    assert moved["within_attention_pool"] == 2 * 2 * (layers + 1) * per_stage
+    shards = runner.token_split(micro).sequence_shards
+    activations = 4 * micro * seq * cfg.model.hidden_dim
+    gather_and_scatter = 2 * 12 * activations * (shards - 1) // shards
+    assert 0 < layers * 2 * gather_and_scatter <= forward < within
     assert runner.transfer_bytes(batch, seq)["attention_to_experts"] == wire
 
 
@@ -477,23 +540,34 @@ def test_collective_transport_equals_single_and_stays_on_devices(
     tiny_cfg, ma_runners, canonical, reference, tokens
 ):
     """The exchange programs that move pieces across processes (`CollectivePieceTransport`),
-    run in one process: the same logits, loss and gradients, nothing through the host, and the
-    same bytes crossing as `device_put`."""
+    run in one process: the same logits, loss and gradients, nothing through the host, the
+    bytes counted as crossing equal to those of the blocks the exchanges were handed, and the
+    one documented wait (for the blocks an exchange sends) once per exchange batch."""
     cfg = with_overrides(ma_cfg(tiny_cfg, 2), ["ma_separation.transport=collective"])
     runner = MARunner(cfg)
     assert runner.transport.name == "collective"
     params = runner.from_canonical(canonical)
     jax.block_until_ready(runner.value_and_grad(params, tokens))
-    with device_only() as host_copies:
+    handed = []
+    copy = runner.transport._copy
+
+    def counted(moves):
+        handed.append(sum(math.prod(m[3]) * np.dtype(m[4]).itemsize for m in moves))
+        return copy(moves)
+
+    runner.transport._copy = counted
+    with device_only() as host_copies, never_waits() as waits:
         logits = runner.forward(params, tokens[:, :-1])
+        forward_batches = len(handed)
         metrics, grads = runner.value_and_grad(params, tokens)
     assert host_copies == []
+    assert waits == ["jax.block_until_ready"] * len(handed)
+    crossing = ("attention_to_experts", "experts_to_attention")
+    crossing += ("backward_to_experts", "backward_to_attention")
+    assert sum(runner.bytes_moved[k] for k in crossing) == sum(handed[forward_batches:]) > 0
     scale = np.abs(reference["logits"]).max()
     assert np.abs(np.asarray(logits) - reference["logits"]).max() / scale <= 1e-5
     assert_matches_reference(runner, metrics, grads, reference["plain"])
-    plain, plain_params = ma_runners(2)
-    plain.value_and_grad(plain_params, tokens)
-    assert dict(runner.bytes_moved) == dict(plain.bytes_moved)
     assert runner.transport.exchanges_dispatched > 0
 
 

@@ -325,6 +325,7 @@ def test_the_balancer_evens_a_skewed_router_without_changing_the_step():
     before_norm = float(runner.squared_norm("experts", runner.split_pools(before_grads)["experts"]))
     before_grads = runner.gather(before_grads)
     moments_before = runner.gather(runner.export_train_state(state)["mu"])
+    params_before = runner.gather(state.params)
     state, placement = loop.act(state, step=2)
 
     assert placement["applied"] and placement["layers_moved"] == [0, 1, 2, 3]
@@ -340,6 +341,13 @@ def test_the_balancer_evens_a_skewed_router_without_changing_the_step():
     for mapping, placed in zip(placement["expert_mapping"], report.expert_placement, strict=True):
         assert sorted(e for experts in mapping.values() for e in experts) == list(range(16))
         assert list(mapping.values()) == list(placed.values())
+    # What each expert device now holds, read from its own shard: the experts the record names.
+    for index, layer in state.params["layers"].items():
+        wi = layer["moe"]["experts"]["wi"]
+        want = params_before["layers"][index]["moe"]["experts"]["wi"]
+        held = {s.device.id: np.asarray(s.data) for s in wi.addressable_shards}
+        for device, experts in placement["expert_mapping"][int(index)].items():
+            np.testing.assert_array_equal(held[int(device[4:])], want[experts], device)
 
     # The same function, bit for bit: no sum depends on which device holds an expert.
     after_metrics, after_grads = runner.value_and_grad(state.params, batch)

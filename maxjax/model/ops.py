@@ -10,6 +10,7 @@ k choices per token, V vocabulary.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import jax
@@ -60,18 +61,21 @@ def _varying_axes(a: jax.Array) -> frozenset:
     return jax.typeof(a).manual_axis_type.varying
 
 
+def varying_over(a: jax.Array, axes: Iterable[str]) -> jax.Array:
+    """`a` marked as varying over the manual mesh `axes` it does not vary over yet (inside
+    `jax.shard_map`). Autodiff transposes the marking into a psum of the cotangent over those
+    axes: mark a value once, where it is smallest, rather than at each product that uses it."""
+    missing = tuple(sorted(frozenset(axes) - _varying_axes(a)))
+    return jax.lax.pcast(a, missing, to="varying") if missing else a
+
+
 def _same_variance(x: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
     """x and w marked as varying over the same manual mesh axes (inside `jax.shard_map`).
 
     Done outside the custom VJP, so autodiff transposes the marking (a psum over the axes the
     operand did not vary over) and the custom backward rule sees operands of one type."""
     axes = _varying_axes(x) | _varying_axes(w)
-
-    def widen(a: jax.Array) -> jax.Array:
-        missing = tuple(sorted(axes - _varying_axes(a)))
-        return jax.lax.pcast(a, missing, to="varying") if missing else a
-
-    return widen(x), widen(w)
+    return varying_over(x, axes), varying_over(w, axes)
 
 
 def _transposed_specs(spec: str) -> tuple[str, str]:

@@ -2,21 +2,18 @@
 
 `predictor`: a 3-layer MLP from stage features to stage times, refit on measured times, and the
 linear least-squares model it is scored against on held-out measurements.
-`balancer`: measures imbalance and plans a new expert placement (per layer: `plan_placement`) and
-micro-batch count when it exceeds `load_balancing_threshold`. Both are pure functions of arrays.
+`balancer`: measures imbalance and plans a new expert placement per layer (`plan_placement`)
+where it exceeds `load_balancing_threshold`, and the ping-pong time of a micro-batch count
+(`pingpong_layer_time`). Both are pure functions of arrays.
 `measure`: stage times and their features from a profiler trace of a training step.
 `loop`: the training run's sync loop (`SyncLoop`): measure a step, score and refit the models,
 re-place the experts of layers out of balance.
 """
 
 from maxjax.sync.balancer import (
-    SyncPlan,
-    choose_microbatches,
     device_load_rows,
-    device_loads,
     imbalance,
     pingpong_layer_time,
-    plan,
     plan_placement,
     rebalance_experts,
 )
@@ -35,10 +32,7 @@ from maxjax.sync.predictor import (
 __all__ = [
     "LinearTimeModel",
     "Predictor",
-    "SyncPlan",
-    "choose_microbatches",
     "device_load_rows",
-    "device_loads",
     "fit",
     "fit_linear",
     "held_out_scores",
@@ -46,7 +40,6 @@ __all__ = [
     "init_predictor",
     "mape",
     "pingpong_layer_time",
-    "plan",
     "plan_placement",
     "predict",
     "predict_linear",

@@ -1,15 +1,14 @@
 """The balancer: decide when the pools are out of balance and what plan restores it.
 
-Pure functions of arrays and plain values. A plan is an expert placement (which expert lives on
-which expert device, each device holding at most `experts_per_gpu`) and a micro-batch count for
-the ping-pong schedule between the attention and expert pools.
+Pure functions of arrays and plain values: the imbalance between devices, an expert placement
+per layer that evens them (which expert lives on which expert device, each device holding at
+most its slots), and the ping-pong schedule's time for a micro-batch count.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -18,14 +17,6 @@ def imbalance(times: Sequence[float] | np.ndarray) -> float:
     """(slowest - fastest) / slowest: 0 when balanced; the seed acts above 0.05."""
     t = np.asarray(times, dtype=np.float64)
     return float((t.max() - t.min()) / t.max()) if t.max() > 0 else 0.0
-
-
-def device_loads(
-    expert_load: Sequence[float] | np.ndarray, expert_mapping: Mapping[str, Sequence[int]]
-) -> dict[str, float]:
-    """Summed load (e.g. fraction of routed assignments) of each expert device."""
-    load = np.asarray(expert_load, dtype=np.float64)
-    return {device: float(load[list(experts)].sum()) for device, experts in expert_mapping.items()}
 
 
 def rebalance_experts(
@@ -97,68 +88,6 @@ def pingpong_layer_time(attention_time: float, expert_time: float, microbatches:
     """
     a, e, m = attention_time / microbatches, expert_time / microbatches, microbatches
     return a + e + (m - 1) * max(a, e)
-
-
-def choose_microbatches(
-    stage_times: Callable[[int], tuple[float, float]],
-    candidates: Sequence[int],
-    layers: int,
-) -> tuple[int, float]:
-    """The micro-batch count with the smallest predicted step time, and that time.
-
-    `stage_times(m)` gives the predicted (attention, expert) time of one whole layer's work when
-    the batch is cut into m micro-batches (e.g. m times the predicted per-micro-batch time).
-    """
-    best = None
-    for m in candidates:
-        attention_time, expert_time = stage_times(m)
-        t = layers * pingpong_layer_time(attention_time, expert_time, m)
-        if best is None or t < best[1]:
-            best = (m, t)
-    if best is None:
-        raise ValueError("no micro-batch candidates given")
-    return best
-
-
-@dataclasses.dataclass(frozen=True)
-class SyncPlan:
-    """What the balancer proposes at a sync point, and why."""
-
-    expert_mapping: dict[str, tuple[int, ...]]
-    microbatches: int
-    imbalance_before: float
-    imbalance_after: float
-
-    @property
-    def changes_placement(self) -> bool:
-        return self.imbalance_after < self.imbalance_before
-
-
-def plan(
-    expert_load: Sequence[float] | np.ndarray,
-    expert_mapping: Mapping[str, Sequence[int]],
-    experts_per_device: int,
-    threshold: float,
-    microbatches: int,
-    stage_times: Callable[[int], tuple[float, float]] | None = None,
-    microbatch_candidates: Sequence[int] = (1, 2, 4, 8),
-    layers: int = 1,
-) -> SyncPlan | None:
-    """A new plan when the expert devices' loads differ by more than `threshold`, else None.
-
-    The micro-batch count is re-chosen from the predicted stage times when they are given.
-    """
-    before = imbalance(list(device_loads(expert_load, expert_mapping).values()))
-    if before <= threshold:
-        return None
-    devices = list(expert_mapping)
-    mapping = rebalance_experts(expert_load, devices, experts_per_device)
-    after = imbalance(list(device_loads(expert_load, mapping).values()))
-    if after >= before:
-        mapping, after = {d: tuple(e) for d, e in expert_mapping.items()}, before
-    if stage_times is not None:
-        microbatches, _ = choose_microbatches(stage_times, microbatch_candidates, layers)
-    return SyncPlan(mapping, microbatches, before, after)
 
 
 def device_load_rows(loads: np.ndarray, order: np.ndarray, devices: int) -> np.ndarray:

@@ -354,7 +354,8 @@ class SyncLoop:
         features = np.concatenate([s.features for s in self.window])
         times = np.concatenate([s.times for s in self.window])[:, None]
         self.linear = fit_linear(features, times)
-        # Padded to the full window (weight 0), so that the fit compiles once per run.
+        # Padded to the full window (weight 0), so that the fit compiles once per sample size: a
+        # re-chosen micro-batch count or a failed expert device changes the samples per step.
         pad = max(0, WINDOW * len(new.times) - len(times))
         weights = np.concatenate([np.ones(len(times)), np.zeros(pad)])
         self._key, key = jax.random.split(self._key)

@@ -245,8 +245,10 @@ def fail_devices(
         canonical[name] = merge(attention, expert)
     jax.block_until_ready(canonical)
     old = [exported[n] for n in STANDBY_TREES] + [state.opt_state, copies]
+    microbatches = runner.microbatches  # the sync loop's choice outlives the new layout
     runner._build(new_cfg)
     runner.set_expert_order(order.order)
+    runner.set_microbatches(microbatches)
     for leaf in jax.tree.leaves(old):
         if isinstance(leaf, jax.Array) and not leaf.is_deleted():
             leaf.delete()
@@ -346,10 +348,10 @@ def surviving_experts(
     slots = -(-experts // len(alive))
     per_device = order.num_rows // len(devices)
     layers = []
-    for layer in range(len(order.order)):
+    lost_by_layer = _lost_experts(order, tuple(devices), failed)
+    for layer, lost in enumerate(lost_by_layer):
         rows = order.order[layer].reshape(len(devices), per_device)
         kept = [[int(e) for e in rows[devices.index(d)] if e >= 0] for d in alive]
-        lost = [int(e) for j, d in enumerate(devices) if d in failed for e in rows[j] if e >= 0]
         placed = _spread(kept, lost, slots)
         layers.append([e for device in placed for e in device + [-1] * (slots - len(device))])
     mapping = _spread(

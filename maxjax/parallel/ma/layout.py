@@ -141,6 +141,12 @@ class ExpertOrder(NamedTuple):
         """Row of each canonical expert in `layer` [E]."""
         return self.row_of_expert[layer if len(self.order) > 1 else 0]
 
+    def source_rows(self, source: ExpertOrder, layer: int) -> np.ndarray:
+        """For each row of this order in `layer`, the row of `source` holding the same expert
+        (-1 for an empty slot): the gather that turns `source`'s expert arrays into ours."""
+        rows = self.rows(layer)
+        return np.where(rows >= 0, source.row_of(layer)[np.maximum(rows, 0)], -1)
+
     def mapping(self, layer: int, devices: list[str]) -> dict[str, list[int]]:
         """`expert_mapping` of one layer: each device's experts, in row order."""
         per_device = self.num_rows // len(devices)

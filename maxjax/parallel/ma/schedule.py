@@ -31,6 +31,7 @@ from maxjax import compression, model
 from maxjax.config import Config
 from maxjax.model import decode
 from maxjax.model.transformer import Params, group_capacity
+from maxjax.parallel.collectives import abstract, program_collective_bytes
 from maxjax.parallel.ma import failover
 from maxjax.parallel.ma.layout import (
     ATTENTION_POOL,
@@ -155,6 +156,10 @@ class MARunner(Runner):
         self._constants: dict[tuple, jax.Array] = {}
         self._placed_order: dict[int, tuple[jax.Array, dict]] = {}
         self._summarize = jax.jit(functools.partial(summarize, cfg))
+        # Per distinct (program, argument signature): its abstract arguments, and the bytes its
+        # collectives move inside the attention pool (read off its HLO when first asked).
+        self._signatures: dict[tuple, tuple] = {}
+        self._signature_pool_bytes: dict[tuple, int] = {}
         self._reset_counters()
 
     # --- layout --------------------------------------------------------------------------------
@@ -224,7 +229,7 @@ class MARunner(Runner):
 
     def expert_mapping(self, layer: int) -> dict[str, list[int]]:
         """Layer `layer`'s experts on each expert device (`expert_mapping` keys)."""
-        return self.experts.mapping(layer, list(self.cfg.ma_separation.moe.expert_mapping))
+        return self.experts.mapping(layer, [f"gpu_{d}" for d in self.cfg.expert_devices])
 
     def move_experts(self, state: Any, order: np.ndarray) -> tuple[Any, int]:
         """Re-place the experts: every expert leaf of the parameters and of the AdamW moments
@@ -240,8 +245,7 @@ class MARunner(Runner):
         for layer in range(self.num_layers):
             if np.array_equal(old.rows(layer), new.rows(layer)):
                 continue
-            rows = new.rows(layer)
-            perms[layer] = np.where(rows >= 0, old.row_of(layer)[np.maximum(rows, 0)], -1)
+            perms[layer] = new.source_rows(old, layer)
             before, after = old.row_of(layer) // per_device, new.row_of(layer) // per_device
             moved_experts[layer] = int(np.sum(before != after))
         if not perms:
@@ -377,8 +381,7 @@ class MARunner(Runner):
         if np.array_equal(configured.order, self.experts.order):
             return params
         perms = {
-            layer: configured.row_of(layer)[self.experts.rows(layer)]
-            for layer in range(self.num_layers)
+            layer: self.experts.source_rows(configured, layer) for layer in range(self.num_layers)
         }
         pools = self.split_pools(params)
         pools[EXPERT_POOL] = self._permute_experts(pools[EXPERT_POOL], perms)
@@ -508,10 +511,55 @@ class MARunner(Runner):
         self.programs_dispatched = 0
         self.saved_bytes = 0
         self.transport.copies_dispatched = 0
-        self.bytes_moved = dict.fromkeys(COUNTERS, 0)
+        self._crossed = dict.fromkeys(COUNTERS[:-1], 0)
+        self._calls: collections.Counter[tuple] = collections.Counter()
+
+    @property
+    def bytes_moved(self) -> dict[str, int]:
+        """Bytes moved by the last call (`forward`, `value_and_grad`, `train_step`, `generate`):
+        across the pool boundary, counted by the transport as each piece is handed over
+        (`attention_to_experts`, `experts_to_attention`, `backward_to_*`), and by the
+        collectives inside the attention pool's programs (`within_attention_pool`), read off
+        each program's HLO (`maxjax.parallel.collectives`), summed over the receiving devices."""
+        within = sum(n * self._pool_bytes(signature) for signature, n in self._calls.items())
+        return {**self._crossed, "within_attention_pool": within}
+
+    def _pool_bytes(self, signature: tuple) -> int:
+        if signature not in self._signature_pool_bytes:
+            program, args = signature[0], self._signatures[signature]
+            devices = {
+                d
+                for x in jax.tree.leaves(args)
+                if isinstance(x, jax.ShapeDtypeStruct) and x.sharding is not None
+                for d in x.sharding.device_set
+            }
+            on_pool = bool(devices) and devices <= set(self.attention_devices)
+            self._signature_pool_bytes[signature] = (
+                program_collective_bytes(program, args, len(self.attention_devices))
+                if on_pool
+                else 0
+            )
+        return self._signature_pool_bytes[signature]
+
+    def _note_call(self, program: Any, args: tuple) -> None:
+        leaves, treedef = jax.tree.flatten(args)
+        signature = (
+            program,
+            treedef,
+            *(
+                (x.shape, x.dtype, x.sharding)
+                if isinstance(x, jax.Array)
+                else (type(x), getattr(x, "shape", x if isinstance(x, int | float) else None))
+                for x in leaves
+            ),
+        )
+        if signature not in self._signatures:
+            self._signatures[signature] = abstract(args)
+        self._calls[signature] += 1
 
     def _run(self, program: Any, *args: Any) -> Any:
         self.programs_dispatched += 1
+        self._note_call(program, args)
         if self.stage_timer is not None:
             return self.stage_timer.run(getattr(program, "__name__", "program"), program, *args)
         return program(*args)
@@ -523,7 +571,7 @@ class MARunner(Runner):
 
     def _to_experts(self, pieces: tuple, split: TokenSplit, counter: str) -> tuple:
         inputs, crossed = self._move("to_experts", self.transport.to_experts, pieces, split)
-        self.bytes_moved[counter] += crossed
+        self._crossed[counter] += crossed
         return inputs
 
     def _to_attention(self, outputs: tuple, split: TokenSplit, counter: str) -> tuple:
@@ -531,13 +579,8 @@ class MARunner(Runner):
         pieces, crossed = self._move(
             "to_attention", self.transport.to_attention, outputs, split, mesh
         )
-        self.bytes_moved[counter] += crossed
+        self._crossed[counter] += crossed
         return pieces
-
-    def _count_pool(self, split: TokenSplit, batch: int, seq: int, stages: int) -> None:
-        self.bytes_moved["within_attention_pool"] += stages * pool_bytes_per_stage(
-            split, batch, seq, self.cfg.model.hidden_dim, self.cfg.moe.top_k
-        )
 
     def transfer_bytes(self, batch_size: int, seq_len: int) -> dict[str, Any]:
         """Bytes per layer and step (all micro-batches) for a batch of `batch_size` sequences.
@@ -651,7 +694,6 @@ class MARunner(Runner):
                     depth,
                 )
                 states[i] = (state, self._to_attention(outputs, split, "experts_to_attention"))
-        self._count_pool(split, size, seq, len(micro) * (len(layers) + 1))
         return states, new_caches
 
     def forward(self, params: Params, tokens: jax.Array) -> jax.Array:
@@ -777,9 +819,6 @@ class MARunner(Runner):
                 lm_losses,
                 aux_by_layer,
             )
-        layers = len(params["layers"])
-        # Forward: every layer's stages plus the head; backward: the transposed collectives.
-        self._count_pool(split, size, seq - 1, 2 * len(micro) * (layers + 1))
         metrics = self._run(self._summarize, lm_losses, aux_by_layer)
         return metrics, grads
 

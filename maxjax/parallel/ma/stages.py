@@ -228,7 +228,10 @@ class StagePrograms:
         weights = ops.AttentionWeights(*(att[name]["kernel"] for name in (*QKV, "out")))
         head_dim = self.layout.heads.head_dim
         normed = lax.all_gather(
-            ops.rms_norm(x, layer["attention_norm"]["scale"]), SEQ, axis=0, tiled=True
+            ops.rms_norm(ops.varying_over(x, POOL), layer["attention_norm"]["scale"]),
+            SEQ,
+            axis=0,
+            tiled=True,
         )
         if cache is None:
             positions = jnp.arange(seq, dtype=jnp.int32)
@@ -260,7 +263,8 @@ class StagePrograms:
 
     def _head_logits(self, head: Tree, x: jax.Array) -> jax.Array:
         """This device's vocabulary columns of the logits of the whole micro-batch."""
-        z = lax.all_gather(ops.rms_norm(x, head["final_norm"]["scale"]), SEQ, axis=0, tiled=True)
+        z = ops.rms_norm(ops.varying_over(x, POOL), head["final_norm"]["scale"])
+        z = lax.all_gather(z, SEQ, axis=0, tiled=True)
         return ops.matmul("bsm,mv->bsv", z, head["lm_head"]["kernel"], self.dtype)
 
     def _head_loss(self, head: Tree, x: jax.Array, targets: jax.Array) -> jax.Array:
