@@ -112,8 +112,11 @@ print("saved checkpoints:", sorted(p.name for p in run_dir.iterdir() if p.name.i
 #
 # Calling `train` again with the same directory continues from the newest checkpoint (step 16)
 # with the same data order and dropout keys, exactly like running the same command again.
-# A checkpoint holds the parameters and AdamW state in the single-device layout, so the run can
-# continue under any strategy; `RESUME_STRATEGY` picks which one continues it here.
+# A checkpoint holds the parameters and AdamW state in the layout of the runner that wrote it,
+# with a description of that layout (`maxjax/checkpoint.py`); restoring into the same layout
+# reads each device's shards straight onto that device, and restoring under another strategy
+# converts them, so the run can continue under any strategy; `RESUME_STRATEGY` picks which one
+# continues it here.
 
 # %%
 RESUME_STRATEGY = "ma"
@@ -222,8 +225,10 @@ assert abs(result["val_loss"] - second["val_loss"]) < 1e-4
 # `restore(dir)` returns the config saved with the checkpoint, a runner of the strategy that
 # wrote it, and the train state. Generation uses a KV cache and routes without dropping (capacity
 # raised to the group size), so the continuation does not depend on the batch it runs in.
-# If the MA runner does not implement `generate`, the checkpoint is restored onto the
-# single-device runner instead; the parameters are the same.
+# The MA runner implements `generate` (`MARunner.generate` in `maxjax/parallel/ma/schedule.py`:
+# the attention pool keeps the KV caches, the experts stay on the expert pool), so the restored MA
+# runner generates here. The cell falls back to the single-device runner only for a runner
+# without its own `generate`; the parameters are the same.
 
 # %%
 saved_cfg, runner, state, meta = restore(run_dir)

@@ -101,7 +101,10 @@ print(f"  {'total':22s} {SEED_TOTAL_GB:6.1f} GB  [seed]")
 # gradient checkpointing (`training.gradient_checkpointing: true` in the paper config) the part
 # `residuals` is what the forward sweep keeps for the backward sweep: every stage's *inputs*
 # (layer 0 its token slice, a later layer the token state and the pieces it received, the
-# experts the pieces they received), for one round of micro-batches.
+# experts the pieces they received), for one round of micro-batches. The part `standby` is,
+# on each attention device, the copy of its ring predecessor's parameters and both AdamW moments
+# that `ma_separation.attention.replication_factor: 2` keeps for failover; it is alive in every
+# phase.
 
 # %%
 GB = 1e9
@@ -208,11 +211,12 @@ for row in (attention_row, expert_row):
 # On the attention devices the largest part is the temporaries of `middle_recompute` (8.86 GB:
 # a layer's attention stage run again on one micro-batch of 32 sequences, then its VJP), then
 # the stage inputs kept for the backward sweep (4.13 GB on device 0), the pieces in transfer
-# (2.68 GB) and the token states (1.08 GB); parameters, gradient sums and AdamW moments of the
-# attention layers are below half a gigabyte each. On the expert devices it is the other way
-# round: the float32 AdamW moments of the device's experts (17.18 GB), the temporaries of
-# `experts_recompute_acc` (17.18 GB) and the parameters and the gradient sums (8.59 GB each)
-# make almost all of the 54.23 GB; the stage inputs kept are 2.15 GB.
+# (2.68 GB), the token states (1.08 GB) and the standby copy (0.71 GB); parameters, gradient
+# sums and AdamW moments of the attention layers are below half a gigabyte each. On the expert
+# devices it is the other way round: the float32 AdamW moments of the device's experts
+# (17.18 GB), the temporaries of `experts_recompute_acc` (17.18 GB) and the parameters and the
+# gradient sums (8.59 GB each) make almost all of the 54.23 GB; the stage inputs kept are
+# 2.15 GB.
 #
 # ### What gets the paper configuration under 80 GB
 #
@@ -286,7 +290,7 @@ print(
 # The stages compute in bfloat16, while the parameters, gradient sums and AdamW moments stay
 # float32: on an expert device those take 34.36 of its 54.23 GB. And the optimizer state is made
 # where its parameters live, so no device holds the model's 74.2 GB of AdamW moments after init.
-# Every device fits: the attention devices plan 17.31-17.71 GB, the expert devices 54.23 GB.
+# Every device fits: the attention devices plan 18.02-18.42 GB, the expert devices 54.23 GB.
 
 # %% [markdown]
 # ## 3. Which of the seed's §5.4 figures cannot hold
@@ -397,7 +401,8 @@ for name in NAMES:
     ]
     print(
         f"   {name:8s} device 0 {at_init[0]:6.2f} GB, largest {max(at_init):6.2f} GB; "
-        f"parameters + AdamW moments = {min(init[name]):.3f}-{max(init[name]):.3f} × parameters"
+        f"held at init = {min(init[name]):.3f}-{max(init[name]):.3f} × the device's parameters "
+        "(AdamW moments, and MA's standby copy)"
     )
 
 # %%
@@ -423,20 +428,24 @@ plt.tight_layout()
 plt.show()
 
 # %% [markdown]
-# Only MA separation fits 80 GB, in training (17.3-54.2 GB) and in decoding (27.4-43.9 GB): the
+# Only MA separation fits 80 GB, in training (18.0-54.2 GB) and in decoding (27.4-43.9 GB): the
 # baselines hold the activations of the whole batch of 1024 sequences in one program (TP, PP and
 # TP×PP plan 1135.4, 795.6 and 1891.2 GB per device in training). Right after
 # `init_train_state` the optimizer state is placed like the parameters
 # (`maxjax.parallel.runner.optimizer_init`): each device holds the AdamW moments of its own
-# parameters, twice their bytes, so it holds three times its parameter bytes, 0.72 GB on MA's
-# device 0 and 25.77 GB on an expert device, before the first step's activations.
+# parameters, twice their bytes, so it holds three times its parameter bytes (25.77 GB on an
+# MA expert device) before the first step's activations. MA's attention devices hold in addition
+# the standby copy of their ring predecessor's parameters and both moments (0.71 GB), so MA's
+# device 0 holds 1.43 GB right after init, about six times its parameter bytes; the ratio printed
+# above counts that copy as well.
 #
 # ## 5. Keeping the stored plans honest: the tiny config, live
 #
 # The stored tiny plan was made by
 # `python -m maxjax.bench memory --config configs/tiny.yaml --strategy ma --json notebooks/data/memory_plan_tiny_ma.json`.
-# Recomputing it here (about a minute on two cores) must give the same shape-derived parts
-# byte for byte; the temporaries come from this machine's XLA and may differ a little.
+# Recomputing it here (the stored plan took 12 s on 16 emulated devices on two cores) must give
+# the same shape-derived parts byte for byte; the temporaries come from this machine's XLA and
+# may differ a little.
 
 # %%
 import time  # noqa: E402

@@ -1,4 +1,4 @@
-"""Measuring helpers shared by the Table 1 and sequence-length benchmarks (DESIGN.md §6).
+"""Measuring helpers shared by the Table 1 and sequence-length benchmarks.
 
 Every timing excludes a warm-up call (compilation) and is reported as the median of repeated runs
 with its min-max spread. Device-side work is awaited with `jax.block_until_ready`.

@@ -1,4 +1,4 @@
-"""Projected performance from the compiled stage programs (DESIGN.md §6), and its checks.
+"""Projected performance from the compiled stage programs, and its checks.
 
     python -m maxjax.bench project --config paper --hardware a100-80gb [--json FILE]
     python -m maxjax.bench project --measure-cpu      # (re)write configs/hardware/cpu-here.yaml
