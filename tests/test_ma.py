@@ -21,7 +21,6 @@ from maxjax.parallel.ma import (
     MARunner,
     StageTimer,
     TokenSplit,
-    pool_bytes_per_stage,
 )
 from maxjax.parallel.runner import tree_paths
 
