@@ -38,6 +38,7 @@ CheckpointManager and its JSON item handler); this module never opens orbax's fi
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -81,6 +82,38 @@ class CheckpointError(RuntimeError):
     """A checkpoint directory is missing, empty, damaged, or does not fit the model."""
 
 
+def _missing_directory(directory: str | Path) -> CheckpointError:
+    """The error for a checkpoint directory that is not there, or is not a directory."""
+    problem = "is not a directory" if Path(directory).exists() else "does not exist"
+    return CheckpointError(f"checkpoint directory {str(directory)!r} {problem}")
+
+
+def check_writable_directory(directory: str | Path) -> None:
+    """Raise CheckpointError unless `directory` is a directory this process may write in, or
+    can be created as one: a training run checks this before it starts, so that a file in the
+    way or a read-only folder is one line rather than an OSError at its first write."""
+    path = Path(directory)
+    if path.exists():
+        if not path.is_dir():
+            raise _missing_directory(directory)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise CheckpointError(f"checkpoint directory {str(directory)!r} is not writable")
+        return
+    existing = path.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CheckpointError(
+            f"checkpoint directory {str(directory)!r} cannot be created: {str(existing)!r} is "
+            "not a directory"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CheckpointError(
+            f"checkpoint directory {str(directory)!r} cannot be created: {str(existing)!r} is "
+            "not writable"
+        )
+
+
 def _handlers() -> dict[str, ocp.CheckpointHandler]:
     return {
         "state": ocp.StandardCheckpointHandler(),
@@ -121,7 +154,7 @@ def read_config(directory: str | Path, step: int | None = None) -> tuple[int, di
     """
     steps = saved_steps(directory)
     if not Path(directory).is_dir():
-        raise CheckpointError(f"checkpoint directory {str(directory)!r} does not exist")
+        raise _missing_directory(directory)
     if not steps:
         raise CheckpointError(f"checkpoint directory {str(directory)!r} holds no checkpoint")
     candidates = [step] if step is not None else steps[::-1]
@@ -270,7 +303,7 @@ class CheckpointStore:
         self.directory = Path(directory).absolute()
         if not create and not saved_steps(self.directory):
             if not self.directory.is_dir():
-                raise CheckpointError(f"checkpoint directory {str(directory)!r} does not exist")
+                raise _missing_directory(directory)
             raise CheckpointError(f"checkpoint directory {str(directory)!r} holds no checkpoint")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=create, enable_async_checkpointing=True

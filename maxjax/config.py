@@ -20,6 +20,12 @@ import yaml
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
+def one_line(error: BaseException | str) -> str:
+    """An error's message (or any text) on one line: library messages (pyyaml's, orbax's) may
+    span several, and a refused command prints exactly one line."""
+    return " ".join(str(error).split())
+
+
 class ConfigError(ValueError):
     """A config key is unknown, has the wrong type, or breaks a rule."""
 
@@ -351,6 +357,9 @@ TRANSPORT_CHOICES = ("device_put", "collective")
 EXPERT_COMPUTE_CHOICES = ("filled_slots", "capacity")
 SOURCE_CHOICES = ("embedded", "c4", "files")
 DTYPE_CHOICES = ("float32", "bfloat16")
+# training.seed seeds jax.random.key, nnx.Rngs and the data order: a 32-bit unsigned integer
+# (larger Python ints overflow when JAX converts them).
+SEED_LIMIT = 2**32
 
 
 def _to_plain(value: Any) -> Any:
@@ -673,6 +682,11 @@ def validate(cfg: Config) -> None:
     _check(tr.source in SOURCE_CHOICES, "training.source", f"must be one of {SOURCE_CHOICES}")
     _check(tr.dtype in DTYPE_CHOICES, "training.dtype", f"must be one of {DTYPE_CHOICES}")
     _check(
+        0 <= tr.seed < SEED_LIMIT,
+        "training.seed",
+        f"must be in 0..{SEED_LIMIT - 1} (a 32-bit seed of jax.random.key), got {tr.seed}",
+    )
+    _check(
         tr.source != "files" or len(tr.data_files) > 0,
         "training.data_files",
         "must list at least one file when training.source is 'files'",
@@ -726,7 +740,7 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as e:
-            raise ConfigError(key, f"value {raw!r} is not valid YAML ({e})") from None
+            raise ConfigError(key, f"value {raw!r} is not valid YAML ({one_line(e)})") from None
         parts = key.split(".")
         node = data
         cls: Any = Config
@@ -809,8 +823,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
-        reason = " ".join(str(e).split())
-        raise ConfigError("<file>", f"{label} is not valid YAML ({reason})") from None
+        raise ConfigError("<file>", f"{label} is not valid YAML ({one_line(e)})") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError("<file>", f"{label} cannot be read ({e})") from None
     if data is None:
@@ -975,7 +988,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         if os.environ.get("MAXJAX_DEBUG") == "1":
             raise
-        print(f"maxjax.config: error: {e}", file=sys.stderr)
+        print(f"maxjax.config: error: {one_line(e)}", file=sys.stderr)
         return 1
     print(describe(cfg, sources))
     return 0

@@ -31,7 +31,7 @@ from maxjax.checkpoint import (
     restore_target,
 )
 from maxjax.cluster import init_distributed, wait_for_lost_peer
-from maxjax.config import Config, ConfigError, config_from_dict
+from maxjax.config import Config, ConfigError, config_from_dict, one_line
 from maxjax.data import DataError, validation_batches
 from maxjax.optim import make_optimizer
 from maxjax.parallel import (
@@ -156,9 +156,13 @@ def evaluate(
     strategy: str | None = None,
     num_batches: int | None = None,
 ) -> dict[str, Any]:
-    """{step, val_loss, perplexity, strategy, batches} of a checkpoint on the validation split."""
+    """{step, val_loss, perplexity, strategy, batches} of a checkpoint on the validation split.
+
+    `num_batches` defaults to the checkpoint's `training.validation_batches`; it must be 1 or
+    more (ConfigError)."""
+    check_batches(num_batches)
     cfg, runner, state, _ = restore(checkpoint_dir, step, strategy)
-    count = num_batches or cfg.training.validation_batches
+    count = cfg.training.validation_batches if num_batches is None else num_batches
     batches = validation_batches(cfg, count, **data_shard())
     loss = validation_loss(runner, state.params, batches)
     return {
@@ -175,14 +179,31 @@ def evaluate(
 USER_ERRORS = (ConfigError, DataError, DeviceError, CheckpointError)
 
 
+def check_batches(num_batches: int | None) -> None:
+    """Raise ConfigError unless `num_batches` (None: the config's default) is 1 or more."""
+    if num_batches is not None and num_batches < 1:
+        raise ConfigError("--batches", f"must be 1 or more, got {num_batches}")
+
+
+def check_output_file(path: str | Path | None, flag: str = "--json") -> None:
+    """Raise ConfigError unless `path` (None: no file) can be written as a file: its folder
+    exists and it is not itself a folder. Checked before the work whose result it will hold."""
+    if path is None:
+        return
+    target = Path(path)
+    folder = target.parent
+    if target.is_dir():
+        raise ConfigError(flag, f"{str(path)!r} is a directory, not a file to write")
+    if not folder.is_dir():
+        problem = "is not a directory" if folder.exists() else "does not exist"
+        raise ConfigError(flag, f"the folder {str(folder)!r} of {str(path)!r} {problem}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(flag, f"the folder {str(folder)!r} of {str(path)!r} is not writable")
+
+
 def debugging() -> bool:
     """MAXJAX_DEBUG=1: let a refused run end with its traceback instead of one line."""
     return os.environ.get("MAXJAX_DEBUG") == "1"
-
-
-def one_line(error: BaseException) -> str:
-    """The error's message on one line (library messages may span several)."""
-    return " ".join(str(error).split())
 
 
 def quiet_libraries() -> None:
@@ -204,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     quiet_libraries()
     try:
+        check_batches(args.batches)
+        check_output_file(args.json)
         if args.strategy is not None and args.strategy not in STRATEGIES:
             raise ConfigError(
                 "--strategy", f"{args.strategy!r} is not available; choose one of {STRATEGIES}"
@@ -228,7 +251,16 @@ def main(argv: list[str] | None = None) -> int:
         f"strategy {result['strategy']})"
     )
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        try:
+            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        except OSError as e:
+            if debugging():
+                raise
+            print(
+                f"maxjax.evaluate: error: cannot write {args.json!r} ({one_line(e)})",
+                file=sys.stderr,
+            )
+            return 1
     return 0
 
 

@@ -19,16 +19,18 @@ each checkpoint and restored on resume.
 
 Running the same command again continues from the newest complete checkpoint with the same data
 order and dropout keys, so its losses equal those of a run that never stopped; metrics.jsonl
-lines after the restored step are dropped first. A resume whose batch, sequence length, data
-source or model differs from the checkpoint's config stops with one line naming the difference
-(`--allow-config-change` accepts it). Only finite parameters and optimizer states are saved (one
-on-device check per save); a non-finite loss, gradient norm or state stops the run with one line
-naming the newest good checkpoint, which a resume uses. `--fail-device ID@STEP` emulates the
-failure of a device during a step: an attention device's shard is taken over from its standby
-copy, an expert device's experts move to the surviving expert devices (restored from the newest
-checkpoint), in place (`maxjax.parallel.ma.failover`); the step is redone and a failure record is
-logged. Refused
-input ends with one line on stderr
+lines after the restored step are dropped first. A resume whose config differs from the
+checkpoint's in a key that changes what is computed (batch, sequence length, data, model,
+optimizer, schedule, dtype, compression: `_RUN_DEFINING`) stops with one line naming the
+difference (`--allow-config-change` accepts it). `--no-checkpoint` refuses a directory that
+already holds a run, so no run's metrics are lost. Ctrl-C ends with one line naming the newest
+intact checkpoint, where the same command resumes (exit code 130). Only finite parameters and
+optimizer states are saved (one on-device check per save); a non-finite loss, gradient norm or
+state stops the run with one line naming the newest good checkpoint, which a resume uses.
+`--fail-device ID@STEP` emulates the failure of a device during a step: an attention device's
+shard is taken over from its standby copy, an expert device's experts move to the surviving
+expert devices (restored from the newest checkpoint), in place (`maxjax.parallel.ma.failover`);
+the step is redone and a failure record is logged. Refused input ends with one line on stderr
 (MAXJAX_DEBUG=1 shows the traceback instead). On a cluster the same command runs once per
 host (see tutorials/cluster.md).
 """
@@ -51,9 +53,12 @@ from tqdm import tqdm
 
 from maxjax import model
 from maxjax.checkpoint import (
+    CheckpointError,
     CheckpointStore,
     all_finite,
+    check_writable_directory,
     restore_target,
+    saved_steps,
 )
 from maxjax.cluster import wait_for_lost_peer
 from maxjax.config import Config, ConfigError, load_config
@@ -84,21 +89,52 @@ from maxjax.sync.loop import SyncLoop
 
 DEFAULT_CONFIG = "configs/tiny.yaml"
 DEFAULT_STRATEGY = "ma"
-# Keys whose change between runs does not change what a resumed run computes.
-_HARMLESS_CHANGES = ("checkpoint.", "training.log_interval", "training.validation_")
-# Keys that define the run: changing them on resume changes the batches or the model, so a
-# resume refuses unless --allow-config-change is given.
+# What a resume compares (`_check_resume`). A resume is exact, or refuses with one line unless
+# --allow-config-change is given: every key that changes what a step computes is run-defining.
+#
+# Harmless: no warning. When and where the run reports and saves (checkpoint.*, the log and
+# validation intervals, the validation batches), descriptive text (training.dataset) and the
+# seed's reported results (validation.*) change no step.
+_HARMLESS_CHANGES = (
+    "checkpoint.",
+    "training.log_interval",
+    "training.validation_interval",
+    "training.validation_batches",
+    "training.dataset",
+    "validation.",
+)
+# Run-defining: a change makes the resumed steps differ from those of the run that never stopped.
 _RUN_DEFINING = (
+    # The batches: their shape, and the tokens in them (source, train/validation split, the
+    # vocabulary; the seed also fixes the data order).
     "sequence.",
-    "model.",
-    "moe.",
     "training.source",
     "training.data_dir",
     "training.data_files",
     "training.validation_split",
     "training.vocab_size",
+    # The function: the model, its MoE layers (routing, capacity, auxiliary losses, expert
+    # dropout), the initial values and dropout keys (seed) and the precision of the products.
+    "model.",
+    "moe.",
     "training.seed",
+    "training.dtype",
+    # The update: AdamW's hyperparameters, clipping, and the learning rate of every step
+    # (warmup and the cosine that reaches 0 at total_steps).
+    "optimizer.",
+    "schedule.",
+    # The values MA separation sends between its pools: int8 with a scale per row, or float32.
+    "ma_separation.synchronization.communication_compression",
 )
+# Every other key is accepted with a warning naming it, because it changes where arrays live
+# or in which order the same sums are taken, as resuming under another strategy does (each
+# strategy is tested against the single-device model): the device layout (hardware.*, nodes.*,
+# ma_separation.attention.* and .moe.*, transport, baselines.*: a restart after a device
+# failure changes it), the micro-batch count and gradient accumulation rounds (the same
+# gradient summed in another order; the sync loop re-chooses the count itself with
+# rechoose_microbatches), gradient checkpointing (the same layers computed again),
+# expert_compute (the same expert products, empty slots skipped) and the sync loop's settings
+# (sync_interval, threshold, rechoose_microbatches: expert placement and micro-batch count).
 
 
 class TrainingError(RuntimeError):
@@ -106,7 +142,7 @@ class TrainingError(RuntimeError):
 
 
 class ResumeError(RuntimeError):
-    """The checkpoint to resume from was written by a run with another batch, data or model."""
+    """The checkpoint to resume from was written with other settings of what a step computes."""
 
 
 def _note(message: str) -> None:
@@ -149,8 +185,8 @@ def _check_resume(saved: dict[str, Any], cfg: Config, step: int, directory: Path
         shown = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in defining[:4])
         more = f" and {len(defining) - 4} more" if len(defining) > 4 else ""
         raise ResumeError(
-            f"the checkpoint of step {step} in {directory} was written with another batch, data "
-            f"or model ({shown}{more}); resuming would not continue that run. Pass "
+            f"the checkpoint of step {step} in {directory} was written with other settings of "
+            f"what a step computes ({shown}{more}); resuming would not continue that run. Pass "
             "--allow-config-change to resume anyway, or use another --checkpoint-dir"
         )
     return changed
@@ -251,6 +287,7 @@ def parse_failures(items: list[str], cfg: Config, strategy: str) -> dict[int, li
     """`--fail-device ID@STEP` values as {step: [device ids]}: the devices fail during that step
     (emulated in one process, `MARunner.fail_devices`). Raises ConfigError naming a bad one."""
     failures: dict[int, list[int]] = {}
+    listed: dict[int, str] = {}
     for item in items:
         device, at, step = item.partition("@")
         if not (at and device.strip().isdigit() and step.strip().isdigit()):
@@ -268,8 +305,59 @@ def parse_failures(items: list[str], cfg: Config, strategy: str) -> dict[int, li
             )
         if step_number < 1:
             raise ConfigError("--fail-device", f"{item!r}: the step must be 1 or later")
+        if device_id in listed:
+            raise ConfigError(
+                "--fail-device",
+                f"device {device_id} is listed twice ({listed[device_id]!r} and {item!r}); a "
+                "failed device stays failed",
+            )
+        listed[device_id] = item
         failures.setdefault(step_number, []).append(device_id)
     return failures
+
+
+def check_steps(steps: int | None) -> None:
+    """Raise ConfigError unless `steps` (None: schedule.total_steps) is 1 or more."""
+    if steps is not None and steps < 1:
+        raise ConfigError("--steps", f"must be 1 or more, got {steps}")
+
+
+def check_fresh_directory(directory: Path) -> None:
+    """For a run without checkpoints: raise CheckpointError if `directory` already holds a run
+    (checkpoints or a non-empty metrics.jsonl), whose metrics.jsonl the run would replace."""
+    steps = saved_steps(directory)
+    metrics = directory / "metrics.jsonl"
+    held = [f"checkpoints of steps {steps}"] if steps else []
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        held.append("metrics.jsonl")
+    if held:
+        raise CheckpointError(
+            f"--no-checkpoint: {str(directory)!r} already holds a training run "
+            f"({' and '.join(held)}), whose metrics.jsonl this run would replace; pass another "
+            "--checkpoint-dir, or leave out --no-checkpoint to resume that run"
+        )
+
+
+def interrupted_line(directory: Path | None, checkpoints: bool) -> str:
+    """The one line a run stopped by Ctrl-C ends with: the newest intact checkpoint (the
+    start of a resume), read after the run closed its checkpoints (saves in flight finish)."""
+    if directory is None:
+        return "interrupted before training started"
+    if not checkpoints:
+        return (
+            f"interrupted; nothing to resume (--no-checkpoint); the metrics so far are in "
+            f"{directory / 'metrics.jsonl'}, so a new run needs another --checkpoint-dir"
+        )
+    steps = saved_steps(directory)
+    if not steps:
+        return (
+            f"interrupted before the first checkpoint in {directory}; the same command starts "
+            "the run again from scratch"
+        )
+    return (
+        f"interrupted; the newest intact checkpoint is step {steps[-1]} in {directory}; run the "
+        "same command again to resume from it"
+    )
 
 
 def step_key(seed: int, step: int) -> jax.Array:
@@ -361,7 +449,8 @@ def train(
     FailoverError (checkpoints already written stay as they are).
 
     With `checkpoints=False` nothing is read from or written to the checkpoint directory but
-    metrics.jsonl (a fresh run that cannot be resumed).
+    metrics.jsonl (a fresh run that cannot be resumed); a directory that already holds a run
+    (checkpoints or metrics) is refused with CheckpointError, so its metrics are never lost.
 
     Returns {step, first_loss, last_loss, val_loss, val_perplexity, history, checkpoint_dir,
     wall_seconds}; `history` holds the metrics.jsonl records of this call.
@@ -372,11 +461,17 @@ def train(
     or gradient at step s stops before step s is saved and moves the checkpoint of step s - 1
     (the parameters that produced it) to DIR/damaged, so a resume starts from a checkpoint
     whose parameters gave finite losses and gradients. Raises ResumeError when resuming from a
-    checkpoint written with another batch, data source or model, unless `allow_config_change`.
+    checkpoint written with a run-defining key changed (`_RUN_DEFINING`: batch, data, model,
+    optimizer, schedule, ...), unless `allow_config_change`. Before any work: ConfigError for
+    `steps` < 1, CheckpointError for a directory that is not a writable directory.
     """
-    steps = steps or cfg.schedule.total_steps
+    check_steps(steps)
+    steps = cfg.schedule.total_steps if steps is None else steps
     directory = Path(checkpoint_dir or cfg.checkpoint.directory)
     check_strategy(cfg, strategy, cfg.sequence.batch_size)
+    check_writable_directory(directory)
+    if not checkpoints:
+        check_fresh_directory(directory)
     check_backend(cfg, strategy)
     train_data = TokenBatches(cfg, "train", **data_shard())
     val_data = validation_batches(cfg, cfg.training.validation_batches, **data_shard())
@@ -555,7 +650,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config (path or name)")
     parser.add_argument("--strategy", default=DEFAULT_STRATEGY, help="execution strategy")
-    parser.add_argument("--steps", type=int, default=None, help="train up to this step")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="train up to this step, 1 or more (default: schedule.total_steps)",
+    )
     parser.add_argument("--checkpoint-dir", default=None, help="default: checkpoint.directory")
     parser.add_argument(
         "--set",
@@ -579,17 +679,22 @@ def main(argv: list[str] | None = None) -> int:
         "--no-checkpoint",
         action="store_true",
         help="neither resume from nor write checkpoints (only metrics.jsonl); such a run cannot "
-        "be resumed",
+        "be resumed. Refused when the directory already holds a run (checkpoints or metrics), "
+        "whose metrics it would replace",
     )
     parser.add_argument(
         "--allow-config-change",
         action="store_true",
-        help="resume even if batch size, sequence length, data or model differ from the checkpoint",
+        help="resume even if a key that changes what is computed (batch, sequence length, data, "
+        "model, optimizer, schedule, dtype, compression) differs from the checkpoint's",
     )
     args = parser.parse_args(argv)
     quiet_libraries()
+    directory = None
     try:
+        check_steps(args.steps)
         cfg = load_config(args.config, args.overrides)
+        directory = Path(args.checkpoint_dir or cfg.checkpoint.directory)
         setup_jax(cfg)
         failures = parse_failures(args.failures, cfg, args.strategy)
         summary = train(
@@ -610,6 +715,16 @@ def main(argv: list[str] | None = None) -> int:
     except jax.errors.JaxRuntimeError:
         wait_for_lost_peer()
         raise
+    except KeyboardInterrupt:
+        # Ctrl-C: train() has closed its checkpoints (a save in flight completes), so the
+        # newest complete one is where the same command resumes.
+        if debugging():
+            raise
+        print(
+            f"maxjax.train: {interrupted_line(directory, not args.no_checkpoint)}",
+            file=sys.stderr,
+        )
+        return 130
     if jax.process_index() == 0:
         losses = (
             f"loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}, "

@@ -27,7 +27,7 @@ from _train_helpers import (
 import maxjax
 from maxjax import checkpoint, evaluate, model, train
 from maxjax.checkpoint import CheckpointStore, all_finite
-from maxjax.config import load_config
+from maxjax.config import load_config, with_overrides
 from maxjax.optim import make_optimizer
 from maxjax.parallel import STRATEGIES, make_runner
 
@@ -117,9 +117,15 @@ def test_non_finite_step_stops_and_resume_uses_a_finite_checkpoint(tmp_path, cap
     assert (tmp_path / "damaged" / "2").is_dir()
     assert _restored_is_finite(tmp_path, 1)
 
-    # With a sane learning rate (a change that keeps batches and model) the run goes on.
-    assert train.main(train_argv(tmp_path, 4, "checkpoint.interval_steps=1")) == 0
-    assert "resumed from the checkpoint of step 1" in capsys.readouterr().out
+    # A sane learning rate changes what the run computes: refused, then accepted when asked.
+    sane = train_argv(tmp_path, 4, "checkpoint.interval_steps=1")
+    assert train.main(sane) == 1
+    line = one_error_line(capsys.readouterr().err, "maxjax.train: error:")
+    assert "optimizer.learning_rate 1e+30 -> 0.003" in line and "--allow-config-change" in line
+    assert train.main([*sane, "--allow-config-change"]) == 0
+    out = capsys.readouterr()
+    assert "resumed from the checkpoint of step 1" in out.out
+    assert "resuming with config changes in optimizer.learning_rate" in out.err
     assert [s for s, _ in train_losses(tmp_path)] == [1, 2, 3, 4]
     assert all(math.isfinite(loss) for _, loss in train_losses(tmp_path))
 
@@ -190,8 +196,53 @@ def test_too_few_devices_is_one_line(tmp_path):
     assert "needs 16 devices" in line and "JAX sees 4" in line
 
 
+@pytest.mark.parametrize(
+    "override, refused",
+    [
+        # Run-defining: the resumed steps would not be those of the run that never stopped.
+        ("optimizer.learning_rate=1e-3", True),
+        ("optimizer.betas=[0.8, 0.9]", True),
+        ("optimizer.weight_decay=0.0", True),
+        ("optimizer.gradient_clipping=0.5", True),
+        ("schedule.warmup_steps=3", True),
+        ("schedule.total_steps=80", True),
+        ("training.dtype=bfloat16", True),
+        ("training.validation_split=0.2", True),
+        ("training.seed=1", True),
+        ("moe.capacity_factor=2.0", True),
+        ("moe.expert_dropout=0.0", True),
+        ("ma_separation.synchronization.communication_compression=none", True),
+        # Where arrays live or in which order the same sums are taken: named in a warning.
+        ("ma_separation.microbatches=1", False),
+        ("ma_separation.transport=collective", False),
+        ("ma_separation.expert_compute=filled_slots", False),
+        ("ma_separation.synchronization.sync_interval=5", False),
+        ("training.gradient_checkpointing=true", False),
+        ("baselines.microbatches=2", False),
+        # Reporting and saving only: not even named.
+        ("training.validation_interval=2", None),
+        ("training.validation_batches=1", None),
+        ("training.log_interval=3", None),
+        ("checkpoint.interval_steps=2", None),
+    ],
+)
+def test_resume_refuses_exactly_the_keys_that_change_what_is_computed(override, refused):
+    cfg = load_config("tiny", FAST)
+    changed = with_overrides(cfg, [override])
+    key = override.split("=")[0]
+    if refused:
+        with pytest.raises(train.ResumeError) as error:
+            train._check_resume(cfg.to_dict(), changed, 8, Path("run"))
+        assert f"({key} " in str(error.value) and "--allow-config-change" in str(error.value)
+    else:
+        named = train._check_resume(cfg.to_dict(), changed, 8, Path("run"))
+        assert named == ([key] if refused is False else [])
+
+
 def _bad_inputs(tmp_path):
     """(name, arguments, expected words in the one line) of every refused input."""
+    regular_file = tmp_path / "a_file"
+    regular_file.write_text("not a directory")
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     binary = tmp_path / "binary.txt"
@@ -283,6 +334,48 @@ def _bad_inputs(tmp_path):
             ],
             "ma_separation.microbatches = 4: on the CPU backend MA training with more than 2",
         ),
+        (
+            "resume with another optimizer, schedule and dtype",
+            [
+                *("--set", "optimizer.learning_rate=1e-3", "--set", "schedule.total_steps=80"),
+                *("--set", "training.dtype=bfloat16"),
+            ],
+            "(optimizer.learning_rate 0.003 -> 0.001, schedule.total_steps 40 -> 80, "
+            "training.dtype 'float32' -> 'bfloat16'); resuming would not continue that run. "
+            "Pass --allow-config-change",
+        ),
+        (
+            "resume with another validation split (it changes the training documents)",
+            ["--set", "training.validation_split=0.2"],
+            "training.validation_split 0.1 -> 0.2",
+        ),
+        (
+            "--no-checkpoint on a directory that holds a run",
+            ["--no-checkpoint"],
+            "already holds a training run (checkpoints of steps [4, 8] and metrics.jsonl)",
+        ),
+        ("zero steps", ["--steps", "0"], "'--steps': must be 1 or more, got 0"),
+        ("negative steps", ["--steps", "-2"], "'--steps': must be 1 or more, got -2"),
+        (
+            "seed out of range",
+            ["--set", "training.seed=99999999999999999999"],
+            "'training.seed': must be in 0..4294967295",
+        ),
+        (
+            "a device failing twice",
+            ["--strategy", "ma", "--fail-device", "13@2", "--fail-device", "13@3"],
+            "device 13 is listed twice ('13@2' and '13@3')",
+        ),
+        (
+            "checkpoint directory is a file",
+            ["--checkpoint-dir", str(regular_file)],
+            f"checkpoint directory {str(regular_file)!r} is not a directory",
+        ),
+        (
+            "checkpoint directory below a file",
+            ["--checkpoint-dir", str(regular_file / "run")],
+            f"cannot be created: {str(regular_file)!r} is not a directory",
+        ),
     ]
 
 
@@ -314,19 +407,88 @@ def test_every_bad_input_is_one_line_and_leaves_the_checkpoints_intact(run8, tmp
         line = one_error_line(result.stderr, "maxjax.train: error:")
         assert expected in line, (name, line)
     assert _snapshot(run8, times=True) == before
-    for argv, expected in [
+    assert (tmp_path / "a_file").read_text() == "not a directory"
+    json_out = tmp_path / "no" / "such" / "result.json"
+    evaluations = [
         (["--checkpoint-dir", str(tmp_path / "nothing")], "does not exist"),
+        (["--checkpoint-dir", str(tmp_path / "a_file")], "is not a directory"),
         (["--checkpoint-dir", str(run8), "--strategy", "pp"], "splits the batch"),
-    ]:
-        result = _run_cli("maxjax.evaluate", argv)
-        assert result.returncode == 1
-        assert expected in one_error_line(result.stderr, "maxjax.evaluate: error:")
+        (["--checkpoint-dir", str(run8), "--batches", "0"], "'--batches': must be 1 or more"),
+        (["--checkpoint-dir", str(run8), "--batches", "-1"], "'--batches': must be 1 or more"),
+        (
+            ["--checkpoint-dir", str(run8), "--json", str(json_out)],
+            f"the folder {str(json_out.parent)!r} of {str(json_out)!r} does not exist",
+        ),
+    ]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(lambda case: _run_cli("maxjax.evaluate", case[0]), evaluations))
+    for (argv, expected), result in zip(evaluations, results, strict=True):
+        assert result.returncode == 1, (argv, result.stderr)
+        assert expected in one_error_line(result.stderr, "maxjax.evaluate: error:"), argv
+    assert not (tmp_path / "no").exists()
     assert _snapshot(run8, times=True) == before
+
+
+def test_a_read_only_checkpoint_directory_is_one_line(run8, tmp_path, capsys, monkeypatch):
+    """Refused before training starts, the run's files untouched. Root may write in a folder
+    without write permission, so there the check's view of the permissions is narrowed."""
+    directory = tmp_path / "run"
+    shutil.copytree(run8, directory)
+    before = _snapshot(directory, times=True)
+    if os.geteuid() == 0:
+        real_access = os.access
+        read_only = {directory, tmp_path / "new"}
+
+        def access(path, mode, *args, **kwargs):
+            denied = Path(path).absolute() in read_only and mode & os.W_OK
+            return False if denied else real_access(path, mode, *args, **kwargs)
+
+        monkeypatch.setattr(checkpoint.os, "access", access)
+        (tmp_path / "new").mkdir()
+    else:
+        (tmp_path / "new").mkdir()
+        for path in (directory, tmp_path / "new"):
+            path.chmod(0o555)
+    try:
+        assert train.main(train_argv(directory, 10)) == 1
+        line = one_error_line(capsys.readouterr().err, "maxjax.train: error:")
+        assert f"checkpoint directory {str(directory)!r} is not writable" in line
+        assert train.main(train_argv(tmp_path / "new" / "run", 10)) == 1
+        line = one_error_line(capsys.readouterr().err, "maxjax.train: error:")
+        assert f"cannot be created: {str(tmp_path / 'new')!r} is not writable" in line
+    finally:
+        for path in (directory, tmp_path / "new"):
+            path.chmod(0o755)
+    assert _snapshot(directory, times=True) == before
+
+
+def _bench_bad_inputs():
+    """(arguments of python -m maxjax.bench, expected words in the one line)."""
+    return [
+        (["memory", "--config", "nonesuch.yaml"], "config file 'nonesuch.yaml' does not exist"),
+        (["memory", "--set", "model.layers=abc"], "'model.layers': must be an integer"),
+        (["memory", "--strategy", "nonesuch"], "not 'nonesuch'"),
+        (["project", "--hardware", "nonesuch"], "no hardware spec 'nonesuch'"),
+        (["table1", "--strategies", "nonesuch"], "none of ['nonesuch'] is available"),
+    ]
+
+
+def test_bench_bad_inputs_are_one_line():
+    cases = _bench_bad_inputs()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(lambda case: _run_cli("maxjax.bench", case[0]), cases))
+    for (argv, expected), result in zip(cases, results, strict=True):
+        assert result.returncode == 1, (argv, result.stderr)
+        line = one_error_line(result.stderr, f"maxjax.bench {argv[0]}: error:")
+        assert expected in line, (argv, line)
 
 
 def test_maxjax_debug_shows_the_traceback(tmp_path):
     argv = ["--config", str(tmp_path), "--checkpoint-dir", str(tmp_path / "run")]
     result = _run_cli("maxjax.train", argv, {"MAXJAX_DEBUG": "1"})
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr and "is a directory" in result.stderr
+    result = _run_cli("maxjax.bench", ["memory", "--config", str(tmp_path)], {"MAXJAX_DEBUG": "1"})
     assert result.returncode != 0
     assert "Traceback" in result.stderr and "is a directory" in result.stderr
 

@@ -182,6 +182,9 @@ BAD = [
         "ma_separation.synchronization.communication_compression",
         "one of",
     ),
+    ("training.seed=99999999999999999999", "training.seed", "must be in 0..4294967295"),
+    ("training.seed=4294967296", "training.seed", "must be in 0..4294967295"),
+    ("training.seed=-1", "training.seed", "must be in 0..4294967295"),
 ]
 
 
@@ -263,6 +266,17 @@ def test_config_command_prints_values_with_their_source(capsys, monkeypatch):
         assert key in lines or any(k.startswith(f"{key}.") for k in lines), key
     assert config.main(["configs"]) == 1
     assert "is a directory" in capsys.readouterr().err
+
+
+def test_config_command_refuses_bad_yaml_in_set_with_one_line(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert config.main(["configs/tiny.yaml", "--set", "training.seed=4294967295"]) == 0
+    capsys.readouterr()
+    assert config.main(["configs/tiny.yaml", "--set", "model.layers=[1"]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("maxjax.config: error: --set: config key 'model.layers': value '[1' ")
+    assert "is not valid YAML (while parsing a flow sequence" in err
 
 
 def _is_section(key: str) -> bool:

@@ -6,19 +6,25 @@ import json
 import math
 import shutil
 import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
 import pytest
 from _train_helpers import (
+    REPO,
     STEPS,
+    one_error_line,
     records,
     start_training,
+    subprocess_env,
     train_argv,
     train_losses,
 )
 
 from maxjax import evaluate, train
+from maxjax.checkpoint import saved_steps
 from maxjax.parallel import STRATEGIES
 
 
@@ -108,6 +114,41 @@ def test_sigkill_during_save_then_resume(reference, tmp_path):
     _kill_when(process, saving_after_step_4)
     left = sorted(p.name for p in tmp_path.iterdir())
     assert any("tmp" in name for name in left), left  # killed while orbax was writing
+    assert train.main(train_argv(tmp_path)) == 0
+    assert train_losses(tmp_path) == train_losses(reference)
+
+
+def test_ctrl_c_is_one_line_naming_the_checkpoint_to_resume_from(reference, tmp_path):
+    """SIGINT during training: exit code 130, one line naming the newest intact checkpoint (a
+    save in flight completes first), and the same command resumes from it exactly."""
+    # `python -m maxjax.train` with Python's own SIGINT handler, as started from a terminal: a
+    # shell that runs the tests in the background may pass SIGINT on ignored, and Python then
+    # raises no KeyboardInterrupt (a preexec_fn would fork the multithreaded JAX process).
+    start = (
+        "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "runpy.run_module('maxjax.train', run_name='__main__', alter_sys=True)"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", start, *train_argv(tmp_path)],
+        cwd=REPO,
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 240
+    while _logged_steps(tmp_path) < 6:
+        assert process.poll() is None, process.stderr.read()
+        assert time.monotonic() < deadline, "training never reached step 6"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    line = one_error_line(stderr, "maxjax.train: interrupted")
+    newest = saved_steps(tmp_path)[-1]
+    assert newest >= 4
+    assert f"the newest intact checkpoint is step {newest} in {tmp_path}" in line
+    assert "run the same command again to resume" in line
     assert train.main(train_argv(tmp_path)) == 0
     assert train_losses(tmp_path) == train_losses(reference)
 

@@ -30,7 +30,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:11s} {what}")
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     module = importlib.import_module(BENCHMARKS[argv[0]][0])
-    return module.main(argv[1:]) or 0
+    try:
+        return module.main(argv[1:]) or 0
+    except Exception as e:
+        # Refused input (a config, a strategy, a hardware spec, a checkpoint...): one line, as
+        # maxjax.train ends, unless MAXJAX_DEBUG=1. Imported here, after the benchmark has set
+        # up its devices. ValueError covers ConfigError and DataError, the perf modules' own
+        # refusals and argument values that the benchmark cannot use.
+        from maxjax.evaluate import USER_ERRORS, debugging, one_line
+
+        if debugging() or not isinstance(e, (*USER_ERRORS, ValueError)):
+            raise
+        print(f"maxjax.bench {argv[0]}: error: {one_line(e)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

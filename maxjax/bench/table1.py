@@ -68,14 +68,22 @@ def load(args: argparse.Namespace) -> Any:
 
 
 def available_strategies(requested: str) -> list[str]:
-    """The requested strategies that are registered; a note on stdout for each missing one."""
+    """The requested strategies that are registered; a note on stdout for each missing one.
+    Raises ConfigError when none of them is (a table without rows)."""
+    from maxjax.config import ConfigError
     from maxjax.parallel import STRATEGIES
 
     names = [s.strip() for s in requested.split(",") if s.strip()]
+    found = [n for n in names if n in STRATEGIES]
+    if not found:
+        raise ConfigError(
+            "--strategies",
+            f"none of {names} is available; choose from {', '.join(STRATEGIES)}",
+        )
     for name in names:
         if name not in STRATEGIES:
             print(f"note: strategy {name!r} is not registered yet; skipped")
-    return [n for n in names if n in STRATEGIES]
+    return found
 
 
 def training_batch(cfg: Any, requested: int | None) -> int:
