@@ -208,7 +208,7 @@ for row in (attention_row, expert_row):
         print(f"      {name:24s} {temp / GB:6.2f} GB")
 
 # %% [markdown]
-# On the attention devices the largest part is the temporaries of `middle_recompute` (8.86 GB:
+# On the attention devices the largest part is the temporaries of `middle_recompute` (6.67 GB:
 # a layer's attention stage run again on one micro-batch of 32 sequences, then its VJP), then
 # the stage inputs kept for the backward sweep (4.13 GB on device 0), the pieces in transfer
 # (2.68 GB), the token states (1.08 GB) and the standby copy (0.71 GB); parameters, gradient
@@ -290,7 +290,7 @@ print(
 # The stages compute in bfloat16, while the parameters, gradient sums and AdamW moments stay
 # float32: on an expert device those take 34.36 of its 54.23 GB. And the optimizer state is made
 # where its parameters live, so no device holds the model's 74.2 GB of AdamW moments after init.
-# Every device fits: the attention devices plan 18.02-18.42 GB, the expert devices 54.23 GB.
+# Every device fits: the attention devices plan 15.83-16.23 GB, the expert devices 54.23 GB.
 
 # %% [markdown]
 # ## 3. Which of the seed's §5.4 figures cannot hold
@@ -363,7 +363,7 @@ for seed_part, what in planned_as.items():
 # 0.24 GB on an attention device, 8.59 GB on an expert device; TP 4.64, PP 18.54, TP×PP 2.32 GB).
 # The seed's 18.7 GB of activations and 12.6 GB of buffers are not impossible as such. With one
 # round of 4 micro-batches of 32 sequences alive and the stages recomputed in the backward sweep
-# (section 2), the plan's activations are of the same order: 14.07 GB on an attention device,
+# (section 2), the plan's activations are of the same order: 11.88 GB on an attention device,
 # 19.33 GB on an expert device. Its pieces in transfer (2.68 and 0.54 GB) are well below the
 # seed's 12.6 GB of communication buffers.
 #
@@ -428,9 +428,9 @@ plt.tight_layout()
 plt.show()
 
 # %% [markdown]
-# Only MA separation fits 80 GB, in training (18.0-54.2 GB) and in decoding (27.4-43.9 GB): the
+# Only MA separation fits 80 GB, in training (15.8-54.2 GB) and in decoding (15.6-43.9 GB): the
 # baselines hold the activations of the whole batch of 1024 sequences in one program (TP, PP and
-# TP×PP plan 1135.4, 795.6 and 1891.2 GB per device in training). Right after
+# TP×PP plan 1134.4, 795.6 and 1891.2 GB per device in training). Right after
 # `init_train_state` the optimizer state is placed like the parameters
 # (`maxjax.parallel.runner.optimizer_init`): each device holds the AdamW moments of its own
 # parameters, twice their bytes, so it holds three times its parameter bytes (25.77 GB on an
