@@ -26,6 +26,12 @@ def one_line(error: BaseException | str) -> str:
     return " ".join(str(error).split())
 
 
+def check_count(value: int | None, flag: str) -> None:
+    """Raise ConfigError unless a command-line count (None: its default) is 1 or more."""
+    if value is not None and value < 1:
+        raise ConfigError(flag, f"must be 1 or more, got {value}")
+
+
 class ConfigError(ValueError):
     """A config key is unknown, has the wrong type, or breaks a rule."""
 

@@ -31,7 +31,7 @@ from maxjax.checkpoint import (
     restore_target,
 )
 from maxjax.cluster import init_distributed, wait_for_lost_peer
-from maxjax.config import Config, ConfigError, config_from_dict, one_line
+from maxjax.config import Config, ConfigError, check_count, config_from_dict, one_line
 from maxjax.data import DataError, validation_batches
 from maxjax.optim import make_optimizer
 from maxjax.parallel import (
@@ -160,7 +160,7 @@ def evaluate(
 
     `num_batches` defaults to the checkpoint's `training.validation_batches`; it must be 1 or
     more (ConfigError)."""
-    check_batches(num_batches)
+    check_count(num_batches, "--batches")
     cfg, runner, state, _ = restore(checkpoint_dir, step, strategy)
     count = cfg.training.validation_batches if num_batches is None else num_batches
     batches = validation_batches(cfg, count, **data_shard())
@@ -177,12 +177,6 @@ def evaluate(
 # --- command line ---------------------------------------------------------------------------
 
 USER_ERRORS = (ConfigError, DataError, DeviceError, CheckpointError)
-
-
-def check_batches(num_batches: int | None) -> None:
-    """Raise ConfigError unless `num_batches` (None: the config's default) is 1 or more."""
-    if num_batches is not None and num_batches < 1:
-        raise ConfigError("--batches", f"must be 1 or more, got {num_batches}")
 
 
 def check_output_file(path: str | Path | None, flag: str = "--json") -> None:
@@ -225,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     quiet_libraries()
     try:
-        check_batches(args.batches)
+        check_count(args.batches, "--batches")
         check_output_file(args.json)
         if args.strategy is not None and args.strategy not in STRATEGIES:
             raise ConfigError(

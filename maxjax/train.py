@@ -61,7 +61,7 @@ from maxjax.checkpoint import (
     saved_steps,
 )
 from maxjax.cluster import wait_for_lost_peer
-from maxjax.config import Config, ConfigError, load_config
+from maxjax.config import Config, ConfigError, check_count, load_config
 from maxjax.data import TokenBatches, validation_batches
 from maxjax.evaluate import (
     USER_ERRORS,
@@ -316,12 +316,6 @@ def parse_failures(items: list[str], cfg: Config, strategy: str) -> dict[int, li
     return failures
 
 
-def check_steps(steps: int | None) -> None:
-    """Raise ConfigError unless `steps` (None: schedule.total_steps) is 1 or more."""
-    if steps is not None and steps < 1:
-        raise ConfigError("--steps", f"must be 1 or more, got {steps}")
-
-
 def check_fresh_directory(directory: Path) -> None:
     """For a run without checkpoints: raise CheckpointError if `directory` already holds a run
     (checkpoints or a non-empty metrics.jsonl), whose metrics.jsonl the run would replace."""
@@ -463,9 +457,9 @@ def train(
     whose parameters gave finite losses and gradients. Raises ResumeError when resuming from a
     checkpoint written with a run-defining key changed (`_RUN_DEFINING`: batch, data, model,
     optimizer, schedule, ...), unless `allow_config_change`. Before any work: ConfigError for
-    `steps` < 1, CheckpointError for a directory that is not a writable directory.
+    `steps` < 1 (`check_count`), CheckpointError for a directory that is not a writable directory.
     """
-    check_steps(steps)
+    check_count(steps, "--steps")
     steps = cfg.schedule.total_steps if steps is None else steps
     directory = Path(checkpoint_dir or cfg.checkpoint.directory)
     check_strategy(cfg, strategy, cfg.sequence.batch_size)
@@ -692,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     directory = None
     try:
-        check_steps(args.steps)
+        check_count(args.steps, "--steps")
         cfg = load_config(args.config, args.overrides)
         directory = Path(args.checkpoint_dir or cfg.checkpoint.directory)
         setup_jax(cfg)
