@@ -153,6 +153,7 @@ class MARunner(Runner):
         self._standby_program: Any = None
         self._programs: dict[TokenSplit, StagePrograms] = {}
         self._gathers: dict[NamedSharding, Any] = {}
+        self._cuts: dict[tuple[int, bool], Any] = {}
         self._constants: dict[tuple, jax.Array] = {}
         self._placed_order: dict[int, tuple[jax.Array, dict]] = {}
         self._summarize = jax.jit(functools.partial(summarize, cfg))
@@ -615,11 +616,14 @@ class MARunner(Runner):
 
     # --- driving a step --------------------------------------------------------------------------
 
-    def _split_batch(self, tokens: Any, parts: int | None = None) -> list[jax.Array]:
+    def _split_batch(
+        self, tokens: Any, parts: int | None = None, shifted: bool = False
+    ) -> list[Any]:
         """The `parts` (default: the step's, ma_separation.microbatches times
         ma_separation.gradient_accumulation) micro-batches, replicated on the
-        attention pool. Host tokens are placed there directly; device tokens are sliced where
-        they are and copied device to device."""
+        attention pool; with `shifted`, each as (inputs [b, S], next-token targets [b, S]) of a
+        batch [B, S + 1]. Host tokens are cut on the host and placed there directly; device
+        tokens are cut where they are, in one program, and copied device to device."""
         parts = parts or self.microbatches * self.accumulation
         batch = tokens.shape[0]
         if batch % parts:
@@ -629,16 +633,22 @@ class MARunner(Runner):
                 f"ma_separation.gradient_accumulation = {self.accumulation} rounds)"
             )
         size = batch // parts
+
+        def cut(t: Any) -> list[Any]:
+            rows = [t[i * size : (i + 1) * size] for i in range(parts)]
+            return [(r[:, :-1], r[:, 1:]) for r in rows] if shifted else rows
+
         if isinstance(tokens, jax.Array):
             if not tokens.sharding.is_fully_replicated:
                 tokens = self._gathered(tokens)
-            pieces = [tokens[i * size : (i + 1) * size] for i in range(parts)]
-            return [replicate(p, self.attention_mesh) for p in pieces]
+            if (parts, shifted) not in self._cuts:
+                self._cuts[(parts, shifted)] = jax.jit(cut)
+            pieces = self._cuts[(parts, shifted)](tokens)
+            return jax.tree.map(lambda p: replicate(p, self.attention_mesh), pieces)
         on_pool = NamedSharding(self.attention_mesh, P())
-        return [
-            jax.device_put(np.asarray(tokens[i * size : (i + 1) * size]), on_pool)
-            for i in range(parts)
-        ]
+        return jax.tree.map(
+            lambda p: jax.device_put(np.ascontiguousarray(p), on_pool), cut(np.asarray(tokens))
+        )
 
     def _gathered(self, tokens: jax.Array) -> jax.Array:
         """A batch split over devices (each process's rows on its devices: `global_batch`)
@@ -709,13 +719,13 @@ class MARunner(Runner):
         """Mean next-token cross-entropy: the forward sweep, then per micro-batch the head's
         vocabulary-split cross-entropy (`StagePrograms.lm_loss`); logits are never gathered."""
         self._reset_counters()
-        micro = self._split_batch(tokens)
-        states, _ = self._forward_sweep(params, [toks[:, :-1] for toks in micro])
-        programs = self.programs(self.token_split(micro[0].shape[0]))
+        micro = self._split_batch(tokens, shifted=True)
+        states, _ = self._forward_sweep(params, [inputs for inputs, _ in micro])
+        programs = self.programs(self.token_split(micro[0][0].shape[0]))
         head = head_part(params)
         losses = [
-            self._run(programs.lm_loss, head, *state, toks[:, 1:])
-            for state, toks in zip(states, micro, strict=True)
+            self._run(programs.lm_loss, head, *state, targets)
+            for state, (_, targets) in zip(states, micro, strict=True)
         ]
         return self._run(_mean, losses)
 
@@ -792,8 +802,8 @@ class MARunner(Runner):
         micro-batches of a round add into)."""
         self._reset_counters()
         rounds = self.accumulation
-        micro = self._split_batch(tokens, self.microbatches * rounds)
-        size, seq = micro[0].shape
+        micro = self._split_batch(tokens, self.microbatches * rounds, shifted=True)
+        size = micro[0][0].shape[0]
         split = self.token_split(size)
         rng = None if rng is None else replicate(rng, self.expert_mesh)
         on_pool = NamedSharding(self.attention_mesh, P())
@@ -837,7 +847,7 @@ class MARunner(Runner):
         """One round of `value_and_grad`: micro-batches `first`, `first + 1`, ... (`micro`)
         forward and backward, their gradients added into `grads` (None: the first round).
         Appends the round's LM losses, and each layer's auxiliary terms to its list."""
-        size = micro[0].shape[0]
+        size = micro[0][0].shape[0]
         programs = self.programs(split)
         loss_weight, aux_weight = weights
         layers = params["layers"]
@@ -851,9 +861,9 @@ class MARunner(Runner):
         for depth, key in enumerate(keys):
             layer = layers[key]
             constants = self._layer_constants(split, depth)
-            for i, toks in enumerate(micro):
+            for i, (toks, _) in enumerate(micro):
                 if depth == 0:
-                    args = (params["embed"], attention_part(layer), toks[:, :-1], constants)
+                    args = (params["embed"], attention_part(layer), toks, constants)
                 else:
                     args = (attention_part(layer), *states[i], constants)
                     if remat:
@@ -892,10 +902,10 @@ class MARunner(Runner):
         head = head_part(params)
         cotangents = []
         head_grads = None if grads is None else head_part(grads)
-        for i, toks in enumerate(micro):
+        for i, (_, targets) in enumerate(micro):
             state, received = states[i]
             loss, head_grads, (d_h, d_gates, d_received) = self._run(
-                programs.head_step, head, state, received, toks[:, 1:], loss_weight, head_grads
+                programs.head_step, head, state, received, targets, loss_weight, head_grads
             )
             lm_losses.append(loss)
             cotangents.append((d_h, d_gates, d_received))

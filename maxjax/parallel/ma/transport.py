@@ -58,13 +58,19 @@ class PieceTransport:
         self.expert_devices = list(expert_mesh.devices.flat)
         self.copies_dispatched = 0
         self._templates: dict[tuple, tuple[int | jax.Array | None, ...]] = {}
+        self._shard_order: dict[Any, dict[jax.Device, int]] = {}
 
     # --- single-device views ---------------------------------------------------------------------
 
-    @staticmethod
-    def _blocks(x: jax.Array) -> dict[jax.Device, jax.Array]:
-        """x's shards on this process's devices, each as an array of its own, by device."""
-        return {shard.device: shard.data for shard in x.addressable_shards}
+    def _block(self, x: jax.Array, device: jax.Device) -> jax.Array | None:
+        """x's shard on `device` as an array of its own; None on another process's device. The
+        shard order is found once per sharding: building every shard's index
+        (`x.addressable_shards`) on each move costs more host time than the copies."""
+        order = self._shard_order.get(x.sharding)
+        if order is None:
+            order = {shard.device: i for i, shard in enumerate(x.addressable_shards)}
+            self._shard_order[x.sharding] = order
+        return x.addressable_data(order[device]) if device in order else None
 
     def _copy(self, moves: list[tuple[jax.Array | None, jax.Device, jax.Device, tuple, Any]]):
         """Copy blocks (block, source, destination, shape, dtype) device to device in one batch;
@@ -82,7 +88,6 @@ class PieceTransport:
         attention pool) -> expert-program inputs (one wire tree per sequence shard s, arrays
         [J, E/J, b/G, C, M] split over the expert pool). Returns (inputs, bytes crossed)."""
         leaves_by_j = [jax.tree.leaves(p) for p in pieces]
-        blocks_by_j = [[self._blocks(leaf) for leaf in leaves] for leaves in leaves_by_j]
         treedef = jax.tree.structure(pieces[0])
         moves, index = [], {}
         for j, s, a in split.pairs():
@@ -95,7 +100,7 @@ class PieceTransport:
                     *leaf.shape[3:],
                 )
                 index[(j, s, n)] = len(moves)
-                moves.append((blocks_by_j[j][n].get(src), src, dst, shape, leaf.dtype))
+                moves.append((self._block(leaf, src), src, dst, shape, leaf.dtype))
         copied = self._copy(moves)
         crossed = sum(math.prod(m[3]) * np.dtype(m[4]).itemsize for m in moves)
         inputs = []
@@ -120,14 +125,13 @@ class PieceTransport:
         attention pool (one wire tree per expert device, arrays [R, E/J, b, C, M], zero blocks
         on the replicas that do not receive them). Returns (pieces, bytes crossed)."""
         leaves_by_s = [jax.tree.leaves(o) for o in outputs]
-        blocks_by_s = [[self._blocks(leaf) for leaf in leaves] for leaves in leaves_by_s]
         treedef = jax.tree.structure(outputs[0])
         moves, index = [], {}
         for j, s, a in split.pairs():
             for n, leaf in enumerate(leaves_by_s[s]):
                 src, dst = self.expert_devices[j], self.attention_devices[a]
                 index[(j, s, n)] = len(moves)
-                block = blocks_by_s[s][n].get(src)
+                block = self._block(leaf, src)
                 moves.append((block, src, dst, (1, *leaf.shape[1:]), leaf.dtype))
         copied = self._copy(moves)
         crossed = sum(math.prod(m[3]) * np.dtype(m[4]).itemsize for m in moves)
@@ -268,9 +272,8 @@ class CollectivePieceTransport(PieceTransport):
             received = self._exchange(perms)(*arrays)
             self.exchanges_dispatched += 1
             for rnd, array in zip(rounds, received, strict=True):
-                blocks = self._blocks(array)
                 for k in rnd:
                     dst = moves[members[k]][2]
                     if dst.process_index == me:
-                        out[members[k]] = blocks[dst]
+                        out[members[k]] = self._block(array, dst)
         return out
