@@ -69,10 +69,12 @@ def router_z_loss(logits: jax.Array) -> jax.Array:
 
 
 class LoadStats(NamedTuple):
-    """Per-expert load of one group: fraction of the T*k assignments, and the dropped fraction."""
+    """Per-expert load of one group: fraction of the T*k assignments routed to each expert, and
+    of those kept within its capacity (the slots its FFN computes); the dropped fraction."""
 
     expert_fraction: jax.Array  # [E], sums to 1
     dropped_fraction: jax.Array  # scalar, assignments past capacity / T*k
+    kept_fraction: jax.Array  # [E], sums to 1 - dropped_fraction
 
 
 def load_statistics(expert_index: jax.Array, keep: jax.Array, num_experts: int) -> LoadStats:
@@ -80,6 +82,12 @@ def load_statistics(expert_index: jax.Array, keep: jax.Array, num_experts: int) 
     return LoadStats(
         expert_fraction=counts / expert_index.size,
         dropped_fraction=1.0 - jnp.mean(keep.astype(jnp.float32)),
+        kept_fraction=jnp.sum(
+            jax.nn.one_hot(expert_index, num_experts, dtype=jnp.float32)
+            * keep[..., None].astype(jnp.float32),
+            axis=(0, 1),
+        )
+        / expert_index.size,
     )
 
 

@@ -80,12 +80,17 @@ def test_forward_shapes_and_aux(tiny_cfg):
 
 
 def test_layers_combine_into_mean_losses_and_per_layer_expert_shares():
-    first = model.RoutingAux(jnp.float32(1.0), jnp.float32(0.5), jnp.array([0.75, 0.25]), 0.0)
-    second = model.RoutingAux(jnp.float32(3.0), jnp.float32(1.5), jnp.array([0.5, 0.5]), 0.5)
+    first = model.RoutingAux(
+        jnp.float32(1.0), jnp.float32(0.5), jnp.array([0.75, 0.25]), 0.0, jnp.array([0.75, 0.25])
+    )
+    second = model.RoutingAux(
+        jnp.float32(3.0), jnp.float32(1.5), jnp.array([0.5, 0.5]), 0.5, jnp.array([0.25, 0.25])
+    )
     combined = ops.combine_layers([first, second])
     assert float(combined.load_balancing_loss) == 2.0 and float(combined.router_z_loss) == 1.0
     assert float(combined.dropped_fraction) == 0.25
     np.testing.assert_array_equal(combined.expert_fraction, [[0.75, 0.25], [0.5, 0.5]])
+    np.testing.assert_array_equal(combined.kept_fraction, [[0.75, 0.25], [0.25, 0.25]])
 
 
 def test_module_call_equals_pure_apply(tiny_cfg):

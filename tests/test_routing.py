@@ -97,6 +97,21 @@ def test_load_statistics():
     stats = routing.load_statistics(index, keep, 4)
     np.testing.assert_allclose(stats.expert_fraction, [0.5, 1 / 6, 1 / 6, 1 / 6], rtol=1e-6)
     np.testing.assert_allclose(stats.dropped_fraction, 1 / 6, rtol=1e-6)
+    # Expert 0 has three assignments and two slots: one of its assignments is dropped.
+    np.testing.assert_allclose(stats.kept_fraction, [1 / 3, 1 / 6, 1 / 6, 1 / 6], rtol=1e-6)
+
+
+@pytest.mark.parametrize("skew", [0.0, 50.0])
+def test_kept_fraction_counts_the_assignments_within_capacity(skew):
+    """Per expert, the kept assignments over T*k, against a loop over the assignments."""
+    index, _ = routing.top_k_gating(random_logits(5, 40, 8, skew), 2)
+    _, keep = routing.assign_capacity(index, 8, capacity=6)
+    stats = routing.load_statistics(index, keep, 8)
+    kept = np.zeros(8)
+    for e, k in zip(np.asarray(index).ravel(), np.asarray(keep).ravel(), strict=True):
+        kept[e] += k
+    np.testing.assert_allclose(stats.kept_fraction, kept / index.size, rtol=1e-6)
+    np.testing.assert_allclose(np.sum(stats.kept_fraction), 1 - stats.dropped_fraction, rtol=1e-6)
 
 
 @pytest.mark.parametrize("skew", [0.0, 50.0])

@@ -61,6 +61,12 @@ def test_short_run_lowers_validation_loss_and_logs_every_step(reference):
     assert by_layer.shape == (4, 16)
     np.testing.assert_allclose(by_layer.sum(axis=1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(by_layer.mean(axis=0), logged["expert_fraction"], rtol=1e-5)
+    # ... and the shares each expert kept within capacity: what is not dropped, none above its
+    # routed share.
+    assert [r["step"] for r in steps if "expert_kept_fraction_by_layer" in r] == [10]
+    kept = np.asarray(logged["expert_kept_fraction_by_layer"])
+    assert kept.shape == (4, 16) and np.all(kept <= by_layer + 1e-7)
+    np.testing.assert_allclose(kept.sum(axis=1).mean(), 1 - logged["dropped_fraction"], rtol=1e-5)
     assert steps[0]["learning_rate"] == 0.0 and steps[2]["learning_rate"] > 0  # warmup of 2
     val = [r for r in rows if "val_loss" in r]
     assert [r["step"] for r in val] == [4, 8, 12]

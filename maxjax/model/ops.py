@@ -501,12 +501,14 @@ _tiles_ffn.defvjp(_tiles_ffn_fwd, _tiles_ffn_bwd)
 
 class RoutingAux(NamedTuple):
     """Auxiliary losses and load statistics of one MoE layer, averaged over sequences; of the
-    whole model after `combine_layers` (expert_fraction then [L, E], one row per layer)."""
+    whole model after `combine_layers` (expert_fraction and kept_fraction then [L, E], one row
+    per layer)."""
 
     load_balancing_loss: jax.Array
     router_z_loss: jax.Array
     expert_fraction: jax.Array  # [E]; [L, E] once combined over layers
     dropped_fraction: jax.Array
+    kept_fraction: jax.Array  # [E]; [L, E] once combined over layers
 
 
 def routing_aux(r: Routing) -> RoutingAux:
@@ -525,6 +527,7 @@ def routing_aux(r: Routing) -> RoutingAux:
         router_z_loss=jnp.mean(z),
         expert_fraction=jnp.mean(stats.expert_fraction, axis=0),
         dropped_fraction=jnp.mean(stats.dropped_fraction),
+        kept_fraction=jnp.mean(stats.kept_fraction, axis=0),
     )
 
 
@@ -536,9 +539,12 @@ def mean_of(terms: list[RoutingAux]) -> RoutingAux:
 def combine_layers(per_layer: list[RoutingAux]) -> RoutingAux:
     """The model's auxiliary terms from its layers' (in layer order): the losses and the dropped
     fraction averaged over layers (the coefficients apply to this mean), the expert fractions
-    kept per layer, [L, E]: the utilisation a load balancer acts on."""
+    (routed and kept) per layer, [L, E]: the utilisation a load balancer acts on."""
     mean = mean_of(per_layer)
-    return mean._replace(expert_fraction=jnp.stack([a.expert_fraction for a in per_layer]))
+    return mean._replace(
+        expert_fraction=jnp.stack([a.expert_fraction for a in per_layer]),
+        kept_fraction=jnp.stack([a.kept_fraction for a in per_layer]),
+    )
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:

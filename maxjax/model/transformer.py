@@ -333,7 +333,8 @@ def loss_from_parts(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Total loss and the training metrics from the LM loss and the aux terms combined over
     layers (`ops.combine_layers`): `expert_fraction` [E] is the mean over layers,
-    `expert_fraction_by_layer` [L, E] each layer's.
+    `expert_fraction_by_layer` [L, E] each layer's, `expert_kept_fraction_by_layer` [L, E] the
+    share of the assignments each expert kept within its capacity (its computed slots).
 
     Every strategy reports its metrics through this, whatever way it reduced the parts.
     """
@@ -346,6 +347,7 @@ def loss_from_parts(
         "expert_fraction": jnp.mean(aux.expert_fraction, axis=0),
         "expert_fraction_by_layer": aux.expert_fraction,
         "dropped_fraction": aux.dropped_fraction,
+        "expert_kept_fraction_by_layer": aux.kept_fraction,
     }
     return loss, metrics
 

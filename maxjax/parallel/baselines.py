@@ -267,12 +267,16 @@ def hidden_states(
             x, r = run_layer(layer, x, layer_key(plan, rng, i), sequence_ids)
             aux = ops.routing_aux(r)
             row = jax.nn.one_hot(lax.axis_index(STAGE) * plan.layers_per_stage + i, num_layers)
-            aux = aux._replace(expert_fraction=row[:, None] * aux.expert_fraction[None, :])
+            aux = aux._replace(
+                expert_fraction=row[:, None] * aux.expert_fraction[None, :],
+                kept_fraction=row[:, None] * aux.kept_fraction[None, :],
+            )
             aux = jax.tree.map(lambda a: jnp.where(valid, a * size, 0.0), aux)
             aux_sum = jax.tree.map(jnp.add, aux_sum, aux)
         return x, aux_sum
 
-    zero = ops.RoutingAux(0.0, 0.0, jnp.zeros((num_layers, num_experts), jnp.float32), 0.0)
+    per_expert = jnp.zeros((num_layers, num_experts), jnp.float32)
+    zero = ops.RoutingAux(0.0, 0.0, per_expert, 0.0, per_expert)
     zero = jax.tree.map(jnp.float32, zero)
     hidden, aux_sum = gpipe(plan, stage_fn, x.reshape(count, size, seq, -1), zero)
     return hidden.reshape(batch, seq, -1), aux_sum
