@@ -194,7 +194,7 @@ class Synchronization:
         "with rechoose_microbatches); 0: off (seed)"
     )
     load_balancing_threshold: float = _key(
-        "imbalance of a layer's expert devices (predicted stage times; routed loads before a "
+        "imbalance of a layer's expert devices (predicted stage times; kept loads before a "
         "time model is fitted) above which the sync loop re-places its experts, and of the two "
         "pools' measured stage times above which it re-chooses the micro-batch count; in [0, 1) "
         "(seed)"

@@ -588,11 +588,13 @@ def train(
                 )
             synced = None
             if sync is not None:
-                sync.note_step(record["expert_fraction_by_layer"])
+                sync.note_step(record["expert_kept_fraction_by_layer"])
             if measured:
-                state, synced = sync.observe(state.step, record["expert_fraction_by_layer"], state)
+                kept = record["expert_kept_fraction_by_layer"]
+                state, synced = sync.observe(state.step, kept, state)
             if state.step % cfg.training.log_interval:
-                record.pop("expert_fraction_by_layer", None)  # [L, E]: every log_interval steps
+                for per_layer in ("expert_fraction_by_layer", "expert_kept_fraction_by_layer"):
+                    record.pop(per_layer, None)  # [L, E]: every log_interval steps
             record["learning_rate"] = float(lr_at(step))
             record["tokens_per_second"] = cfg.sequence.total_tokens_per_batch / seconds
             record["seconds"] = seconds

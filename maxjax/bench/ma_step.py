@@ -354,6 +354,43 @@ def hottest_experts_first(canonical: Any, shares: Any) -> Any:
     return skewed
 
 
+def router_biased_toward(
+    canonical: Any, hot_experts: Any, top_k: int, strength: float = 20.0, gain: float = 5.0
+) -> Any:
+    """The model (single-device layout, host arrays) changed so that every token's `top_k`
+    choices go to `hot_experts` (say the experts of one expert device): a skewed router whose
+    skew a re-placement can remove exactly.
+
+    The hot experts are cut into G = len(hot_experts) / top_k groups of `top_k`, and the
+    vocabulary into G classes (token id mod G). Every embedding row gets a component along its
+    class's direction (G orthonormal directions, `strength` times the rows' RMS norm), each
+    router kernel loses its components along the G directions, and a group's columns get
+    `gain` times its class's direction. A token then chooses its class's group. With a
+    capacity that a sequence's tokens of one class fill (a small `moe.capacity_factor`), each
+    hot expert computes its full capacity in every sequence and every other expert nothing."""
+    import jax
+    import numpy as np
+
+    hot = np.asarray(hot_experts)
+    groups = len(hot) // top_k
+    if groups < 1 or groups * top_k != len(hot):
+        raise ValueError(f"{len(hot)} hot experts do not form groups of top_k = {top_k}")
+    biased = jax.tree.map(np.array, canonical)
+    table = biased["embed"]["embedding"]
+    width = table.shape[1]
+    basis, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((width, groups)))
+    directions = basis.T.astype(table.dtype)  # [G, M], orthonormal rows
+    rms = float(np.sqrt(np.mean(np.sum(table.astype(np.float64) ** 2, axis=1))))
+    classes = np.arange(table.shape[0]) % groups
+    biased["embed"]["embedding"] = table + strength * rms * directions[classes]
+    for layer in biased["layers"].values():
+        kernel = layer["moe"]["router"]["kernel"]
+        kernel -= directions.T @ (directions @ kernel)
+        for g in range(groups):
+            kernel[:, hot[g * top_k : (g + 1) * top_k]] += gain * directions[g][:, None]
+    return biased
+
+
 def expert_time_against_load(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Per expert device: expert-program seconds per step and routed assignments per step,
     for the model as initialised and with its hottest experts on the first expert device."""

@@ -9,8 +9,9 @@ training step under the profiler (`SyncLoop.measuring`), and `SyncLoop.observe` 
    model has seen: `predictor_mape` (the 3-layer MLP) and `linear_mape` (least squares), and
    `decided_by`, the one a decision uses (the MLP where it does at least as well);
 3. refits both models on the samples of the last `WINDOW` sync points;
-4. re-places the experts (`SyncLoop.act`): per layer, the expert devices' loads are the routed
-   assignments of their experts averaged over the interval's steps (`note_step`), and the
+4. re-places the experts (`SyncLoop.act`): per layer, the expert devices' loads are the
+   assignments their experts kept within capacity (the slots their FFNs compute; with dropless
+   routing every routed one) averaged over the interval's steps (`note_step`), and the
    model `decided_by` turns each device's load into its predicted expert-stage time
    (`SyncLoop.device_time`). A layer whose devices' predicted times differ by more than
    `load_balancing_threshold` gets the balancer's placement (`balancer.plan_placement`:
@@ -101,14 +102,15 @@ class SyncLoop:
         """The runner's expert devices now (fewer after an expert device failed)."""
         return [d.id for d in self.runner.expert_mesh.devices.flat]
 
-    def note_step(self, expert_fraction_by_layer: np.ndarray) -> None:
-        """Add a step's per-layer expert shares [L, E] to the interval's loads."""
-        fractions = np.asarray(expert_fraction_by_layer, np.float64)
+    def note_step(self, kept_fraction_by_layer: np.ndarray) -> None:
+        """Add a step's per-layer shares of kept assignments [L, E] (the metric
+        `expert_kept_fraction_by_layer`) to the interval's loads."""
+        fractions = np.asarray(kept_fraction_by_layer, np.float64)
         self._load_sum = fractions if self._load_sum is None else self._load_sum + fractions
         self._load_steps += 1
 
     def interval_loads(self) -> np.ndarray:
-        """Each canonical expert's share of the routed assignments per layer [L, E], averaged
+        """Each canonical expert's share of the kept assignments per layer [L, E], averaged
         over the steps since the last sync point."""
         return self._load_sum / max(self._load_steps, 1)
 
@@ -175,7 +177,7 @@ class SyncLoop:
             raise
         jax.profiler.stop_trace()
 
-    def samples(self, expert_fraction_by_layer: np.ndarray) -> measure.StageSamples:
+    def samples(self, kept_fraction_by_layer: np.ndarray) -> measure.StageSamples:
         """The stage samples of the step just measured."""
         cfg, runner = self.cfg, self.runner
         try:
@@ -184,7 +186,7 @@ class SyncLoop:
             shutil.rmtree(self._trace_dir, ignore_errors=True)
         shape = self._shape()
         assignments = balancer.device_load_rows(
-            np.asarray(expert_fraction_by_layer, np.float64) * shape["assignments_per_share"],
+            np.asarray(kept_fraction_by_layer, np.float64) * shape["assignments_per_share"],
             runner.experts.order,
             len(self.expert_devices),
         )
@@ -204,7 +206,7 @@ class SyncLoop:
 
     def _shape(self, microbatches: int | None = None) -> dict[str, Any]:
         """The step's features other than the tokens (`measure.FEATURES`, as the time models see
-        them), and `assignments_per_share`: routed assignments per micro-batch for a share of 1;
+        them), and `assignments_per_share`: assignments per micro-batch for a share of 1;
         with `microbatches` micro-batches (default: the count in use)."""
         cfg, runner = self.cfg, self.runner
         microbatches = microbatches or runner.microbatches
@@ -228,7 +230,7 @@ class SyncLoop:
         self, model: str, microbatches: int | None = None
     ) -> Callable[[np.ndarray], np.ndarray]:
         """Predicted expert-stage time (forward plus backward) of each expert device per
-        micro-batch, as a function of the devices' shares of the routed assignments [N, J], by
+        micro-batch, as a function of the devices' shares of the kept assignments [N, J], by
         the fitted time model `model` ("predictor" or "linear"), with `microbatches`
         micro-batches per step (default: the count in use)."""
         fixed = self._shape(microbatches)
@@ -248,7 +250,7 @@ class SyncLoop:
     def step_time(self, model: str, microbatches: int, shares: np.ndarray) -> float:
         """Predicted time of a step's two sweeps with `microbatches` micro-batches: per layer,
         the attention stage against the slowest expert device (`shares` [L, J]: their shares of
-        the routed assignments), each forward plus backward by the time model `model`, overlapped
+        the kept assignments), each forward plus backward by the time model `model`, overlapped
         as `balancer.pingpong_layer_time` says."""
         fixed = self._shape(microbatches)
         fixed.pop("assignments_per_share")
@@ -326,12 +328,12 @@ class SyncLoop:
         }
 
     def observe(
-        self, step: int, expert_fraction_by_layer: np.ndarray, state: Any
+        self, step: int, kept_fraction_by_layer: np.ndarray, state: Any
     ) -> tuple[Any, dict[str, Any]]:
         """Steps 1-6 of the module docstring for the step just measured (its shares already
         noted): (the state, re-placed where the balancer acted, and the sync record)."""
         start = time.perf_counter()
-        new = self.samples(expert_fraction_by_layer)
+        new = self.samples(kept_fraction_by_layer)
         if not len(new.times):
             # Traces of other backends may name devices and executions differently: say so in
             # the record, place by the loads and go on training.

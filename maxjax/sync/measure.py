@@ -39,7 +39,7 @@ STAGE_PROGRAMS = {
 FEATURES = (
     "expert_stage",  # 1 for an expert device's stage, 0 for an attention stage
     "backward",  # 1 for a stage of the backward sweep
-    "tokens",  # token rows the device computes: routed assignments (experts), tokens (attention)
+    "tokens",  # token rows the device computes: kept assignments (experts), tokens (attention)
     "microbatch_sequences",
     "sequence_length",
     "heads_per_attention_device",
@@ -130,7 +130,7 @@ def stage_samples(
     program counts its own from a random base): micro-batches of a layer run one after another,
     layers in order in the forward sweep and in reverse in the backward sweep, so the k-th run of
     a pool's forward programs is layer (k // micro-batches) % layers, and of its backward
-    programs the layer counted from the last. `assignments` [layers, J]: routed
+    programs the layer counted from the last. `assignments` [layers, J]: the kept
     assignments each expert device computes per micro-batch and layer (the step's mean); tokens
     per attention device are the micro-batch's tokens over the attention devices."""
     attention = set(attention_devices)
