@@ -392,8 +392,9 @@ def router_biased_toward(
 
 
 def expert_time_against_load(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Per expert device: expert-program seconds per step and routed assignments per step,
-    for the model as initialised and with its hottest experts on the first expert device."""
+    """Per expert device: expert-program seconds per step beside the assignments routed to its
+    experts and those they kept within capacity (the slots it computes) per step, for the model
+    as initialised and with its hottest experts on the first expert device."""
     import itertools
     import tempfile
 
@@ -443,11 +444,17 @@ def expert_time_against_load(args: argparse.Namespace) -> list[dict[str, Any]]:
             / args.repeats
             for d in devices
         ]
-        assignments = balancer.device_load_rows(
-            np.asarray(metrics["expert_fraction_by_layer"]) * batch * seq * cfg.moe.top_k,
-            runner.experts.order,
-            len(devices),
-        ).sum(0)
+        per_device = {
+            metric: balancer.device_load_rows(
+                np.asarray(metrics[metric]) * batch * seq * cfg.moe.top_k,
+                runner.experts.order,
+                len(devices),
+            )
+            .sum(0)
+            .tolist()
+            for metric in ("expert_fraction_by_layer", "expert_kept_fraction_by_layer")
+        }
+
         received = runner.bytes_moved["attention_to_experts"] / len(devices)
         rows.append(
             {
@@ -455,7 +462,8 @@ def expert_time_against_load(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "expert_compute": compute,
                 "expert_devices": devices,
                 "expert_seconds_per_step": seconds,
-                "assignments_per_step": assignments.tolist(),
+                "assignments_per_step": per_device["expert_fraction_by_layer"],
+                "kept_assignments_per_step": per_device["expert_kept_fraction_by_layer"],
                 "kept_fraction": 1.0 - float(metrics["dropped_fraction"]),
                 "bytes_received_per_step": [received] * len(devices),
             }
@@ -532,16 +540,18 @@ def _report(result: dict[str, Any]) -> None:
             f"  expert work per device, router {row['router']!r}, expert_compute "
             f"{row['expert_compute']!r} (per step, {steps['devices']}):"
         )
-        for d, t, a, b in zip(
+        for d, t, a, k, b in zip(
             row["expert_devices"],
             row["expert_seconds_per_step"],
             row["assignments_per_step"],
+            row["kept_assignments_per_step"],
             row["bytes_received_per_step"],
             strict=True,
         ):
             print(
                 f"    device {d:2d}: expert programs {t * 1e3:8.1f} ms, "
-                f"{a:8.0f} routed assignments (all layers), {b:,.0f} bytes received"
+                f"{a:8.0f} routed, {k:8.0f} kept assignments (all layers), "
+                f"{b:,.0f} bytes received"
             )
     breakdown = result.get("breakdown")
     if breakdown:
