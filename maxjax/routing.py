@@ -78,16 +78,12 @@ class LoadStats(NamedTuple):
 
 
 def load_statistics(expert_index: jax.Array, keep: jax.Array, num_experts: int) -> LoadStats:
-    counts = jnp.sum(jax.nn.one_hot(expert_index, num_experts, dtype=jnp.float32), axis=(0, 1))
+    assigned = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.float32)  # [T, k, E]
+    kept = assigned * keep[..., None].astype(jnp.float32)
     return LoadStats(
-        expert_fraction=counts / expert_index.size,
+        expert_fraction=jnp.sum(assigned, axis=(0, 1)) / expert_index.size,
         dropped_fraction=1.0 - jnp.mean(keep.astype(jnp.float32)),
-        kept_fraction=jnp.sum(
-            jax.nn.one_hot(expert_index, num_experts, dtype=jnp.float32)
-            * keep[..., None].astype(jnp.float32),
-            axis=(0, 1),
-        )
-        / expert_index.size,
+        kept_fraction=jnp.sum(kept, axis=(0, 1)) / expert_index.size,
     )
 
 
