@@ -292,9 +292,9 @@ for r in syncs:
 # experts each). With one capacity slot per expert and sequence (`moe.capacity_factor` 0.25),
 # each of those four experts fills its slot in every sequence that holds a token of its class,
 # and no other expert gets a token: device 12 does all the expert work. A batch of 64 sequences
-# of 32 tokens at a learning rate of 1e-6 (routing stays as it is; this is about placement), 12
-# steps; the loop acts after steps 3 and 6 on the loads of the steps since the last sync point.
-# The same 12 steps without acting give the losses to compare.
+# of 32 tokens at a learning rate of 1e-6 (routing stays as it is; this is about placement), 6
+# steps; the loop acts once, after step 2, on the loads of steps 1 and 2. The same 6 steps
+# without acting give the losses to compare.
 #
 # (The natural skew of the model as initialised, with its hottest experts moved onto one
 # device, is not placement alone: which experts are hot changes with the text from step to
@@ -329,18 +329,18 @@ canonical = router_biased_toward(canonical, skew_cfg.experts_of_device(12), skew
 
 
 def skewed_run(act: bool) -> tuple[list[float], np.ndarray]:
-    """12 steps on the skewed model; the losses and each step's per-layer device loads."""
+    """6 steps on the skewed model; the losses and each step's per-layer device loads."""
     runner, tx = MARunner(skew_cfg), optim.make_optimizer(skew_cfg)
     state = runner.init_train_state(runner.from_canonical(canonical), tx)
     loop, data = SyncLoop(skew_cfg, runner), TokenBatches(skew_cfg, "train")
     losses, loads = [], []
-    for step in range(1, 13):
+    for step in range(1, 7):
         state, metrics = runner.train_step(state, next(data), tx)
         shares = np.asarray(metrics["expert_kept_fraction_by_layer"])
         loop.note_step(shares)
         losses.append(float(metrics["loss"]))
         loads.append(sync.device_load_rows(shares, runner.experts.order, 4))
-        if act and step in (3, 6):
+        if act and step == 2:
             state, placement = loop.act(state, step)
             print(
                 f"after step {step}: layers {placement['layers_moved']} re-placed, "
@@ -359,24 +359,23 @@ print(
 
 # %%
 fig, axes = plt.subplots(1, layers, figsize=(13, 3), sharey=True)
-step_axis = np.arange(1, 13)
+step_axis = np.arange(1, 7)
 for layer in range(layers):
     for j in range(4):
         (line,) = axes[layer].plot(
             step_axis, acting_loads[:, layer, j], "-", label=f"device {12 + j}, acting"
         )
         axes[layer].plot(step_axis, still_loads[:, layer, j], ":", color=line.get_color())
-    for moved in (3.5, 6.5):
-        axes[layer].axvline(moved, color="gray", lw=0.8)
+    axes[layer].axvline(2.5, color="gray", lw=0.8)
     axes[layer].set(title=f"layer {layer}", xlabel="step")
 axes[0].set_ylabel("share of kept assignments (solid: acting; dotted: not)")
 axes[0].legend(fontsize=6)
 fig.tight_layout()
-imbalance = lambda loads: [sync.imbalance(row) for row in loads[6:].mean(0)]  # noqa: E731
+imbalance = lambda loads: [sync.imbalance(row) for row in loads[2:].mean(0)]  # noqa: E731
 print(
-    "device-load imbalance per layer over steps 7-12, acting:", np.round(imbalance(acting_loads), 3)
+    "device-load imbalance per layer over steps 3-6, acting:", np.round(imbalance(acting_loads), 3)
 )
-print("                                         not acting:", np.round(imbalance(still_loads), 3))
+print("                                        not acting:", np.round(imbalance(still_loads), 3))
 threshold = skew_cfg.ma_separation.synchronization.load_balancing_threshold
 assert max(imbalance(acting_loads)) <= threshold < min(imbalance(still_loads))
 assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(acting_losses, still_losses, strict=True))

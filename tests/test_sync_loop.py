@@ -366,7 +366,7 @@ def test_the_balancer_evens_a_skewed_router_without_changing_the_step():
         np.testing.assert_array_equal(got, want)
 
     after = SyncLoop(cfg, runner)
-    for _ in range(4):
+    for _ in range(2):
         state, metrics = runner.train_step(state, next(data), tx)
         after.note_step(np.asarray(metrics["expert_kept_fraction_by_layer"]))
     measured = device_imbalance(after.interval_loads())
