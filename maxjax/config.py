@@ -170,6 +170,15 @@ class Attention:
         "after every step), so a failed attention device is replaced without a restart; "
         "1: no copy (seed)"
     )
+    failover: str = _key(
+        "how a failed attention device is replaced: 'spare_expert_device' puts a surviving "
+        "expert device in its place in the pool (its shard from the standby copy, that device's "
+        "experts spread over the other expert devices), so the attention layout and every sum "
+        "stay as they were and the losses equal those without the failure; 'standby' gives its "
+        "heads to its standby and lays the pool out over the survivors. 'spare_expert_device' "
+        "falls back to 'standby' when no expert device can be spared (maxjax)",
+        "spare_expert_device",
+    )
 
 
 @_frozen
@@ -361,6 +370,7 @@ class Config:
 COMPRESSION_CHOICES = ("8-bit quantization", "none")
 TRANSPORT_CHOICES = ("device_put", "collective")
 EXPERT_COMPUTE_CHOICES = ("filled_slots", "capacity")
+ATTENTION_FAILOVER_CHOICES = ("spare_expert_device", "standby")
 SOURCE_CHOICES = ("embedded", "c4", "files")
 DTYPE_CHOICES = ("float32", "bfloat16")
 # training.seed seeds jax.random.key, nnx.Rngs and the data order: a 32-bit unsigned integer
@@ -605,6 +615,11 @@ def validate(cfg: Config) -> None:
         att.replication_factor in (1, 2),
         "ma_separation.attention.replication_factor",
         "must be 1 (no standby copy) or 2 (one standby copy per shard)",
+    )
+    _check(
+        att.failover in ATTENTION_FAILOVER_CHOICES,
+        "ma_separation.attention.failover",
+        f"must be one of {ATTENTION_FAILOVER_CHOICES}, got {att.failover!r}",
     )
     _check(
         pool.experts_per_gpu == -(-moe.experts_per_layer // pool.gpus),

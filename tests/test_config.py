@@ -317,3 +317,12 @@ def test_expert_compute_is_filled_slots_or_capacity():
     assert filled.ma_separation.expert_compute == "filled_slots"
     with pytest.raises(ConfigError, match=r"'ma_separation.expert_compute': must be one of"):
         load_config("configs/tiny.yaml", ["ma_separation.expert_compute=sparse"])
+
+
+def test_attention_failover_is_a_spare_expert_device_or_the_standby():
+    cfg = load_config("configs/paper.yaml")
+    assert cfg.ma_separation.attention.failover == "spare_expert_device"
+    standby = load_config("configs/tiny.yaml", ["ma_separation.attention.failover=standby"])
+    assert standby.ma_separation.attention.failover == "standby"
+    with pytest.raises(ConfigError, match=r"'ma_separation.attention.failover': must be one of"):
+        load_config("configs/tiny.yaml", ["ma_separation.attention.failover=restart"])

@@ -15,8 +15,9 @@ On 16 emulated CPU devices, all in this process:
   programs of the new layout), then the step time and tokens per second with that many failed
   devices;
 - **restart** (``--restart``): the same failure handled the other way: a checkpoint is written,
-  then ``python -m maxjax.train`` starts on the surviving layout and restores it; the time from
-  the process start until its first step is logged (start-up, restore, compile, one step).
+  then ``python -m maxjax.train`` starts on the attention devices that survive (the layout of
+  ``failover: standby``, which a restart needs no spare for) and restores it; the time from the
+  process start until its first step is logged (start-up, restore, compile, one step).
 
 All devices share this machine's cores: times compare the paths with each other on this
 machine, not with GPUs. Prints, never asserts.
@@ -119,6 +120,8 @@ def in_place_failover(cfg: Any, failing: list[int], repeats: int) -> list[dict[s
             state, record = runner.fail_device(state, failing[failed - 1], tx)
             row["recovery_seconds"] = record["recovery_seconds"]
             row["head_distribution"] = record["layout"]["head_distribution"]
+            row["attention_devices"] = record["layout"]["attention_devices"]
+            row["expert_devices"] = record["layout"]["expert_devices"]
         times = []
         for _ in range(repeats + 1):
             state, seconds = _timed_step(runner, state, batches[step], tx, step)
@@ -192,7 +195,8 @@ def _report(result: dict[str, Any]) -> None:
         if row["failed_devices"]:
             head += (
                 f" recovery {row['recovery_seconds']:.2f} s, first step after it "
-                f"{row['first_step_seconds']:.2f} s (compiles the new layout);"
+                f"{row['first_step_seconds']:.2f} s (compiles the new layout); attention "
+                f"devices {row['attention_devices']}, expert devices {row['expert_devices']};"
             )
         print(
             f"{head} step {row['step_seconds'] * 1e3:.0f} ms, "

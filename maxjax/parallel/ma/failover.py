@@ -10,10 +10,18 @@ the copy is bit for bit what its owner holds.
 When devices fail (`fail_devices`), the runner is rebuilt over the survivors and the state from
 what survives; nothing is read from a failed device:
 
-- a failed **attention** device's heads join its standby's (`surviving_config`), the
-  vocabulary is re-split over the smaller pool, and its shard comes from the standby's copy. A
-  new ring of standbys is set up over the survivors, so a later failure is survived too; a shard
-  is lost only when a device and its standby fail together (`FailoverError`);
+- a failed **attention** device's shard comes from its standby's copy. With
+  ``ma_separation.attention.failover: spare_expert_device`` (the default) a surviving expert
+  device takes the failed device's place in the pool (`spare_expert_devices`, `with_spares`) and
+  its experts go to the other expert devices like a failed expert device's, but with their own
+  state: the head distribution and every mesh position stay as they were, so every sum over the
+  pool is taken in the same order and the step computes the same bits as before the failure
+  (with int8 traffic too, where a float rounding difference would flip a value lying on an int8
+  rounding boundary). With ``standby``, or when a spare would leave no expert device, the
+  failed device's heads join its standby's (`surviving_config`) and the pool and the vocabulary
+  are re-split over the survivors: the same function, summed in another order. Either way the
+  ring of standbys is set up again, so a later failure is survived too; a shard is lost only
+  when a device and its standby fail together (`FailoverError`);
 - a failed **expert** device's experts go to the surviving expert devices that hold the fewest
   (`surviving_experts`: ceil(E / survivors) slots per device, the extra slots empty), their
   weights and moments from an `ExpertSource` (the newest checkpoint, read to the host, only the
@@ -68,12 +76,36 @@ def surviving_config(cfg: Config, failed: Iterable[int]) -> Config:
     heads join its standby's count (the standby already holds their parameters), and the failed
     devices are listed in `hardware.failed_devices`. Raises FailoverError when a shard lost both
     copies or there is no copy."""
+    failed = sorted(set(failed))
+    lost = check_copies(cfg, failed)
+    if not lost:
+        return cfg
+    att = cfg.ma_separation.attention
+    pool = list(att.devices)
+    heads = list(att.head_distribution)
+    for device in lost:
+        position = pool.index(device)
+        heads[standby_position(position, len(pool))] += heads[position]
+    keep = [i for i, d in enumerate(pool) if d not in failed]
+    devices = [pool[i] for i in keep]
+    overrides = [
+        f"ma_separation.attention.gpus={len(devices)}",
+        f"ma_separation.attention.devices={devices}",
+        f"ma_separation.attention.head_distribution={[heads[i] for i in keep]}",
+        f"hardware.failed_devices={sorted(set(cfg.hardware.failed_devices) | set(lost))}",
+    ]
+    return with_overrides(cfg, overrides)
+
+
+def check_copies(cfg: Config, failed: Iterable[int]) -> list[int]:
+    """The attention devices among `failed`, once it is checked that each one's shard has a
+    surviving copy (its standby's); raises FailoverError naming the lost shard otherwise."""
     att = cfg.ma_separation.attention
     failed = sorted(set(failed))
     pool = list(att.devices)
     lost = [d for d in failed if d in pool]
     if not lost:
-        return cfg
+        return lost
     if att.replication_factor < 2:
         raise FailoverError(
             f"attention device {lost[0]} failed and ma_separation.attention.replication_factor "
@@ -89,16 +121,37 @@ def surviving_config(cfg: Config, failed: Iterable[int]) -> Config:
                 f"only other copy of {device}'s shard (heads {_head_range(heads, position)}), "
                 "so it is lost; restart from the newest checkpoint"
             )
-    for device in lost:
-        position = pool.index(device)
-        heads[standby_position(position, len(pool))] += heads[position]
-    keep = [i for i, d in enumerate(pool) if d not in failed]
-    devices = [pool[i] for i in keep]
+    return lost
+
+
+def spare_expert_devices(cfg: Config, failed: Iterable[int]) -> list[int]:
+    """With `ma_separation.attention.failover: spare_expert_device`, the expert devices that take
+    the places of the failed attention devices: the last surviving ones, as long as one expert
+    device is left to hold the experts. [] when no attention device failed, with the 'standby'
+    failover, or when too few expert devices survive (the failover then falls back to
+    'standby')."""
+    att = cfg.ma_separation.attention
+    failed = set(failed)
+    lost = [d for d in att.devices if d in failed]
+    alive = [d for d in cfg.expert_devices if d not in failed]
+    if not lost or att.failover != "spare_expert_device" or len(alive) <= len(lost):
+        return []
+    return alive[-len(lost) :]
+
+
+def with_spares(cfg: Config, failed: Iterable[int], spares: list[int]) -> Config:
+    """`cfg`, whose expert pool no longer holds `spares`, with each failed attention device
+    replaced by a spare at its position in the pool: the head distribution, the mesh positions
+    and so every sum over the pool stay as they were (the shard comes from the standby copy)."""
+    failed = sorted(set(failed))
+    lost = check_copies(cfg, failed)
+    pool = list(cfg.ma_separation.attention.devices)
+    for device, spare in zip(lost, spares, strict=True):
+        pool[pool.index(device)] = spare
+    recorded = (set(cfg.hardware.failed_devices) - set(spares)) | set(lost)
     overrides = [
-        f"ma_separation.attention.gpus={len(devices)}",
-        f"ma_separation.attention.devices={devices}",
-        f"ma_separation.attention.head_distribution={[heads[i] for i in keep]}",
-        f"hardware.failed_devices={sorted(set(cfg.hardware.failed_devices) | set(lost))}",
+        f"ma_separation.attention.devices={pool}",
+        f"hardware.failed_devices={sorted(recorded)}",
     ]
     return with_overrides(cfg, overrides)
 
@@ -187,6 +240,24 @@ def _surviving_leaf(
     return np.concatenate(blocks, axis=tuple(runner.spec_of(path)).index(ATTENTION_AXIS))
 
 
+def failover_config(
+    cfg: Config, order: ExpertOrder, failed: Iterable[int]
+) -> tuple[Config, ExpertOrder, list[int]]:
+    """The config and expert placement after `failed` fail together, and the expert devices
+    spared for the attention pool (`spare_expert_devices`). Raises FailoverError when a shard
+    lost both copies or nothing can hold the experts."""
+    failed = sorted(set(failed))
+    check_copies(cfg, failed)
+    experts = [d for d in failed if d in cfg.expert_devices]
+    spares = spare_expert_devices(cfg, failed)
+    new_cfg = cfg if spares else surviving_config(cfg, failed)
+    if experts or spares:
+        new_cfg, order = surviving_experts(new_cfg, order, experts + spares)
+    if spares:
+        new_cfg = with_spares(new_cfg, failed, spares)
+    return new_cfg, order, spares
+
+
 def fail_devices(
     runner: Any,
     state: TrainState,
@@ -213,10 +284,8 @@ def fail_devices(
             "in-place failover needs every device in one process; restart the job from the "
             "newest checkpoint on the surviving devices"
         )
-    new_cfg = surviving_config(cfg, failed_ids)
-    before = order = runner.experts
-    if experts:
-        new_cfg, order = surviving_experts(new_cfg, order, experts)
+    new_cfg, order, spares = failover_config(cfg, runner.experts, failed_ids)
+    before = runner.experts
     everything = jax.devices()
     failed = {everything[d] for d in failed_ids}
     exported = runner.export_train_state(state)
@@ -269,6 +338,8 @@ def fail_devices(
         "tokens_served_fraction": 1.0,
         "layout": surviving_layout(runner),
     }
+    if spares:
+        record["spare_expert_devices"] = spares
     if experts:
         record["experts_restored_from"] = source_name
         record["experts_restored"] = _lost_experts(before, cfg.expert_devices, experts)
