@@ -82,8 +82,9 @@ REPO = Path.cwd() if (Path.cwd() / "maxjax").is_dir() else Path.cwd().parent
 # trained twice: once as it is, once with attention device 5 failing during step 3 and expert
 # device 13 during step 6 (no checkpoint is written in this run, so device 13's experts restart
 # from their initial values). Expert device 15 takes device 5's place, so until step 6 the two
-# runs compute the same bits; after it the experts restored on the surviving expert devices
-# (the four of device 13, in each layer) have lost five steps of training.
+# runs compute the same bits; after it the experts device 13 held by then (its own four and one
+# of device 15's, in each layer), restored on the surviving expert devices, have lost five steps
+# of training.
 #
 # With `failover: standby` the layout over fewer attention devices adds attention's partial
 # outputs in another order (float32 rounding, about 1e-7 relative), and a value lying on an
@@ -172,11 +173,13 @@ except FailoverError as error:
 #
 # Measured by `python -m maxjax.bench failover --restart --json
 # notebooks/data/failover_tiny.json` (tiny config, 4 layers, 16 emulated devices on a 2-core
-# Intel Xeon; it takes about three minutes, so it is stored). The restart is the other way to
-# survive the same failure: a checkpoint is written, then `python -m maxjax.train` starts on the
-# surviving layout and restores it; its time runs from the process start to its first logged
-# step. The in-place figure is the recovery plus the redone step. Both include compiling the
-# programs of the new layout (about 12 s of each here); JAX's persistent compilation cache would
+# Intel Xeon; it takes about three minutes, so it is stored). Attention devices 5, 1 and 9 fail
+# one after another; expert devices 15, 14 and 13 take their places, so the last row runs the 16
+# experts of each layer on expert device 12 alone. The restart is the other way to survive the
+# same failure: a checkpoint is written, then `python -m maxjax.train` starts on the attention
+# devices that survive (the `standby` layout: a restart needs no spare) and restores it; its time
+# runs from the process start to its first logged step. The in-place figure is the recovery plus the redone step. Both include compiling the
+# programs of the new layout (11 to 15 s of each here); JAX's persistent compilation cache would
 # shorten both.
 
 # %%
@@ -207,8 +210,8 @@ rows = stored["failover"]
 failed = [len(r["failed_devices"]) for r in rows]
 throughput = [r["tokens_per_second"] for r in rows]
 right.plot(failed, throughput, marker="o", label="measured (CPU, 16 emulated devices)")
-linear = [throughput[0] * (12 - k) / 12 for k in failed]
-right.plot(failed, linear, linestyle=":", color="tab:gray", label="linear in lost devices")
+linear = [throughput[0] * (16 - k) / 16 for k in failed]
+right.plot(failed, linear, linestyle=":", color="tab:gray", label="linear in lost devices (of 16)")
 right.set(
     xlabel="failed attention devices",
     ylabel="tokens / s",
@@ -223,10 +226,12 @@ plt.show()
 # Reading the figures: the recovery itself (state rebuilt over the survivors, new standbys made)
 # takes a few seconds and is the part that compares with the seed's 2.3 s; compiling the new
 # layout's programs dominates what follows. On CPU, every emulated device shares the same two
-# cores, so losing a device removes no compute: the throughput stays about flat, within the
-# noise of the measurement, rather than falling linearly as on GPUs, where each lost device
-# takes its share of the machine with it (its heads now run on the standby, which does twice the
-# attention work). The seed's "linear degradation" needs devices of their own to be measured.
+# cores, so losing a device removes no compute: the throughput stays about flat or rises (fewer
+# devices to coordinate), rather than falling as on GPUs, where each lost device takes its share
+# of the machine with it: with spares, the expert pool gives up a device for each attention
+# failure and the remaining expert devices hold more experts (6, 8, then 16 slots each); with
+# `failover: standby`, the standby runs twice the heads. The seed's "linear degradation" needs
+# devices of their own to be measured.
 #
 # The seed's 99.2% for expert failures: here every routed assignment is served across an expert
 # failover (the redone step waits for the experts to be back), and what an expert failure costs
