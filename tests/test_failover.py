@@ -20,9 +20,10 @@ from maxjax.parallel.ma.layout import layer_of
 from maxjax.parallel.runner import tree_paths
 from maxjax.sync.balancer import plan_placement
 
-# Without int8 compression: the layout over the survivors sums attention's partial outputs in
-# another order (float32 rounding, ~1e-7 relative); with it, a value that lands near an int8
-# rounding boundary can flip by one quantisation step, and early training amplifies that.
+# Without int8 compression unless a test says otherwise: with `failover: standby` the layout
+# over the survivors sums attention's partial outputs in another order (float32 rounding, ~1e-7
+# relative); with int8, a value that lands near a rounding boundary can flip by one
+# quantisation step, and training amplifies that. (A spare expert device keeps every sum.)
 NO_COMPRESSION = "ma_separation.synchronization.communication_compression=none"
 
 
