@@ -95,32 +95,40 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 
 def _time_steps(steps: dict[str, Any], repeats: int, warmup: int) -> dict[str, dict[str, float]]:
-    """Median, min and max wall time of each step function, and the median CPU time this
-    process spent in it (every thread: the emulated devices' and the driver's). The functions
-    take turns, one run each per round, so a change in the machine's load during the
-    measurement reaches all alike."""
+    """Median, min and max wall time of each step function, the median CPU time this process
+    spent in it (every thread: the emulated devices' and the driver's), and the driver's share:
+    when the call returned (every program and copy dispatched, nothing waited for) and the CPU
+    time of the calling thread until then. The functions take turns, one run each per round, so
+    a change in the machine's load during the measurement reaches all alike."""
     import jax
 
     for _ in range(warmup):
         for fn in steps.values():
             jax.block_until_ready(fn())
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    cpu: dict[str, list[float]] = {name: [] for name in steps}
+    runs: dict[str, dict[str, list[float]]] = {
+        name: {"wall": [], "cpu": [], "dispatch": [], "driver_cpu": []} for name in steps
+    }
     for _ in range(repeats):
         for name, fn in steps.items():
             start, start_cpu = time.perf_counter(), time.process_time()
-            jax.block_until_ready(fn())
-            times[name].append(time.perf_counter() - start)
-            cpu[name].append(time.process_time() - start_cpu)
+            start_driver = time.thread_time()
+            out = fn()
+            runs[name]["dispatch"].append(time.perf_counter() - start)
+            runs[name]["driver_cpu"].append(time.thread_time() - start_driver)
+            jax.block_until_ready(out)
+            runs[name]["wall"].append(time.perf_counter() - start)
+            runs[name]["cpu"].append(time.process_time() - start_cpu)
     return {
         name: {
-            "median_s": statistics.median(values),
-            "min_s": min(values),
-            "max_s": max(values),
-            "cpu_median_s": statistics.median(cpu[name]),
+            "median_s": statistics.median(r["wall"]),
+            "min_s": min(r["wall"]),
+            "max_s": max(r["wall"]),
+            "cpu_median_s": statistics.median(r["cpu"]),
+            "dispatch_median_s": statistics.median(r["dispatch"]),
+            "driver_cpu_median_s": statistics.median(r["driver_cpu"]),
             "repeats": repeats,
         }
-        for name, values in times.items()
+        for name, r in runs.items()
     }
 
 
@@ -509,7 +517,8 @@ def _report(result: dict[str, Any]) -> None:
             f"  {name:6s} forward+backward: median {t['median_s'] * 1e3:8.1f} ms "
             f"(min {t['min_s'] * 1e3:.1f}, max {t['max_s'] * 1e3:.1f}, {t['repeats']} runs); "
             f"CPU {t['cpu_median_s'] * 1e3:.0f} ms ({t['cpu_median_s'] / t['median_s']:.2f} "
-            "cores busy)"
+            f"cores busy); the call returned after {t['dispatch_median_s'] * 1e3:.0f} ms, "
+            f"driver thread CPU {t['driver_cpu_median_s'] * 1e3:.0f} ms"
         )
     print(f"  ma / single: {steps['ma_over_single']:.2f}x (target <= 1.3x)")
     for row in result.get("microbatch_sweep", []):
